@@ -1,0 +1,393 @@
+"""Rolling-window latency percentiles in fixed memory (the guide's LatencyMonitor API).
+
+Not ddsketch/hdrhistogram: a sliding window needs a running total minus the expiring slice,
+which fixed log buckets give for free and DDSketch lacks (merging 30 sketches per query is slow).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import operator
+import threading
+import time
+from array import array
+from collections.abc import Callable, Mapping
+from itertools import accumulate, pairwise
+from typing import TYPE_CHECKING
+
+from lk_observe.metrics import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:
+    from lk_observe.turns import Turn
+
+__all__ = ["STAT_KEYS", "LatencyMonitor", "default_monitor"]
+
+logger = logging.getLogger(__name__)
+
+STAT_KEYS = ("count", "mean", "median", "p95", "p99", "min", "max")
+
+# Bucket layout: 2% log steps from 0.1 ms to 120 s, with every Prometheus edge merged in so SLO
+# thresholds are exact boundaries. Buckets are (lower, upper], as Prometheus counts `le`.
+_LOWEST_MS = 0.1
+_HIGHEST_MS = 120_000.0
+_GROWTH = 1.02
+_WARN_EVERY_S = 60.0  # one log line per skip reason per minute: bad input must not flood logs
+
+
+def _bucket_bounds() -> tuple[float, ...]:
+    steps = math.ceil(math.log(_HIGHEST_MS / _LOWEST_MS) / math.log(_GROWTH))
+    edges = {_LOWEST_MS * _GROWTH**i for i in range(steps + 1)}
+    # Same expression as SLO.threshold_ms, so `threshold_ms in bounds` holds bit for bit.
+    edges.update(edge * 1000.0 for edge in LATENCY_BUCKETS_S)
+    return tuple(sorted(edges))
+
+
+_BOUNDS: tuple[float, ...] = _bucket_bounds()
+_N_BUCKETS = len(_BOUNDS) + 1  # [0] underflow (<= 0.1 ms), [-1] overflow (> 120 s)
+
+
+def _representatives() -> tuple[float, ...]:
+    # Geometric midpoint: within sqrt(1.02) - 1 = 0.995% of any value in the bucket, whatever the
+    # data; interpolating by rank inside a bucket can be 2% off on point masses (scripted delays).
+    mids = [math.sqrt(lo * hi) for lo, hi in pairwise(_BOUNDS)]
+    return (_BOUNDS[0] / 2.0, *mids, _BOUNDS[-1])
+
+
+_REPRESENTATIVE: tuple[float, ...] = _representatives()
+_ZEROS = [0] * _N_BUCKETS
+
+
+def _empty_stats() -> dict[str, float | int]:
+    # The guide's shape with nothing in the window: count 0 and zeros, never a missing key.
+    return {"count": 0, "mean": 0.0, "median": 0.0, "p95": 0.0, "p99": 0.0, "min": 0.0, "max": 0.0}
+
+
+class _Slice:
+    """One sub-window: dense bucket counts plus exact count, sum, min and max."""
+
+    __slots__ = ("count", "counts", "high", "id", "low", "total")
+
+    def __init__(self) -> None:
+        self.id = -1
+        # Allocated on first use, so a quiet series costs little; never larger than one array.
+        self.counts: array[int] | None = None
+        self.count = 0
+        self.total = 0.0
+        self.low = math.inf
+        self.high = -math.inf
+
+    def reset(self, slice_id: int) -> None:
+        self.id = slice_id
+        if self.counts is not None:
+            self.counts = array("I", _ZEROS)
+        self.count = 0
+        self.total = 0.0
+        self.low = math.inf
+        self.high = -math.inf
+
+
+class _Series:
+    """Ring of slices plus a running total of the live slices' bucket counts."""
+
+    __slots__ = ("count", "ring", "totals")
+
+    def __init__(self, slices: int) -> None:
+        self.ring = [_Slice() for _ in range(slices)]
+        self.totals = array("q", _ZEROS)
+        self.count = 0
+
+    def _drop(self, part: _Slice) -> None:
+        if part.count and part.counts is not None:
+            self.totals = array("q", map(operator.sub, self.totals, part.counts))
+            self.count -= part.count
+
+    def add(self, bucket: int, value: float, slice_id: int) -> None:
+        part = self.ring[slice_id % len(self.ring)]
+        if part.id != slice_id:
+            self._drop(part)  # this ring slot held a slice that has left the window
+            part.reset(slice_id)
+        if part.counts is None:
+            part.counts = array("I", _ZEROS)
+        part.counts[bucket] += 1
+        part.count += 1
+        part.total += value
+        if value < part.low:
+            part.low = value
+        if value > part.high:
+            part.high = value
+        self.totals[bucket] += 1
+        self.count += 1
+
+    def expire(self, current_id: int) -> None:
+        oldest_live = current_id - len(self.ring) + 1
+        for part in self.ring:
+            if part.id != -1 and part.id < oldest_live:
+                self._drop(part)
+                part.reset(-1)
+
+    def live(self) -> list[_Slice]:
+        return [part for part in self.ring if part.count]
+
+
+def _quantile(cumulative: list[int], count: int, q: float, low: float, high: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of bucketed samples, within [low, high]."""
+
+    def order_stat(k: int) -> float:
+        bucket = bisect.bisect_right(cumulative, k)
+        return min(max(_REPRESENTATIVE[bucket], low), high)
+
+    h = (count - 1) * q
+    k = math.floor(h)
+    below = order_stat(k)
+    if k + 1 >= count:
+        return below
+    return below + (h - k) * (order_stat(k + 1) - below)
+
+
+class LatencyMonitor:
+    """Rolling percentiles of per-component latencies (ms) over the last `window_s` seconds.
+
+    The window is a ring of `slices` sub-windows: a sample counts for at least
+    `window_s - window_s / slices` and at most `window_s` seconds. Memory is fixed per
+    (component, agent) series and queries cost O(buckets), whatever the traffic. Percentiles are
+    within 1% (relative) of the exact linear-interpolated percentile for values in 0.1 ms-120 s;
+    min, max, mean and count are exact. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        window_s: float = 300.0,
+        *,
+        slices: int = 30,
+        clock: Callable[[], float] = time.monotonic,
+        max_components: int = 64,
+        max_agents: int = 64,
+    ) -> None:
+        if not (math.isfinite(window_s) and window_s > 0):
+            raise ValueError(f"window_s must be a positive number, got {window_s!r}")
+        if slices < 1:
+            raise ValueError(f"slices must be >= 1, got {slices!r}")
+        self._window_s = float(window_s)
+        self._slices = slices
+        self._slice_s = self._window_s / slices
+        self._clock = clock
+        self._max_components = max_components
+        self._max_agents = max_agents
+        self._lock = threading.Lock()
+        # Key (component, agent); agent None is the aggregate over all agents.
+        self._series: dict[tuple[str, str | None], _Series] = {}
+        self._components: set[str] = set()
+        self._agents: set[str] = set()
+        self._latest_id = -1  # a clock stepping back reuses the newest slice instead of old ones
+        self._skipped: dict[str, int] = {}
+        self._last_warned: dict[str, float] = {}
+
+    @property
+    def window_s(self) -> float:
+        return self._window_s
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples refused so far, by reason (a copy)."""
+        with self._lock:
+            return dict(self._skipped)
+
+    def components(self) -> list[str]:
+        with self._lock:
+            return sorted(self._components)
+
+    def agents(self) -> list[str]:
+        with self._lock:
+            return sorted(self._agents)
+
+    def record(
+        self,
+        component: str,
+        duration_ms: float,
+        metadata: Mapping[str, object] | None = None,
+        *,
+        agent: str | None = None,
+    ) -> None:
+        """Add one latency sample. Never raises: bad input is counted in `skipped` and logged.
+
+        `metadata` is accepted for the guide's API and not stored: keeping it would make memory
+        grow with traffic.
+        """
+        del metadata
+        reason = self._rejection(component, duration_ms, agent)
+        if reason is not None:
+            self._skip(reason, component, duration_ms)
+            return
+        value = float(duration_ms)
+        bucket = bisect.bisect_left(_BOUNDS, value)
+        with self._lock:
+            slice_id = self._current_id()
+            aggregate = self._series_for(component, None)
+            if aggregate is None:
+                self._skip_locked("too_many_components", component, value)
+                return
+            aggregate.add(bucket, value, slice_id)
+            if agent is None:
+                return
+            per_agent = self._series_for(component, agent)
+            if per_agent is None:
+                # The aggregate keeps the sample; only the per-agent view loses it.
+                self._skip_locked("too_many_agents", agent, value)
+                return
+            per_agent.add(bucket, value, slice_id)
+
+    def record_turn(self, turn: Turn) -> None:
+        """Record every measured component of a finished turn under the turn's agent."""
+        for component, duration_ms in turn.latency_ms.items():
+            self.record(component, duration_ms, agent=turn.agent)
+
+    def get_stats(self, component: str, *, agent: str | None = None) -> dict[str, float | int]:
+        """count, mean, median, p95, p99, min, max (ms) over the window; zeros when empty."""
+        with self._lock:
+            series = self._series.get((component, agent))
+            if series is None:
+                return _empty_stats()
+            series.expire(self._current_id())
+            return self._stats(series)
+
+    def get_all_stats(self, *, agent: str | None = None) -> dict[str, dict[str, float | int]]:
+        """get_stats for every component seen under `agent` (None: all agents together)."""
+        with self._lock:
+            current = self._current_id()
+            result: dict[str, dict[str, float | int]] = {}
+            for (component, owner), series in sorted(self._series.items(), key=_series_order):
+                if owner == agent:
+                    series.expire(current)
+                    result[component] = self._stats(series)
+            return result
+
+    def count_at_or_below(
+        self, component: str, threshold_ms: float, *, agent: str | None = None
+    ) -> tuple[int, int]:
+        """(samples <= threshold_ms, all samples) in the window.
+
+        Exact when the threshold is a Prometheus bucket edge (every SLO threshold is) or outside
+        the window's [min, max]; otherwise rounded down to the bucket boundary below, so an SLO
+        never looks better than it is.
+        """
+        if math.isnan(threshold_ms):
+            raise ValueError("threshold_ms must be a number, got NaN")
+        with self._lock:
+            series = self._series.get((component, agent))
+            if series is None:
+                return 0, 0
+            series.expire(self._current_id())
+            total = series.count
+            live = series.live()
+            if total == 0:
+                return 0, 0
+            if threshold_ms >= max(part.high for part in live):
+                return total, total
+            if threshold_ms < min(part.low for part in live):
+                return 0, total
+            edge = bisect.bisect_left(_BOUNDS, threshold_ms)
+            exact = edge < len(_BOUNDS) and math.isclose(_BOUNDS[edge], threshold_ms)
+            last_good = edge if exact else edge - 1  # bucket `edge` ends at _BOUNDS[edge]
+            return sum(series.totals[: last_good + 1]), total
+
+    def _current_id(self) -> int:
+        slice_id = int(self._clock() // self._slice_s)
+        if slice_id > self._latest_id:
+            self._latest_id = slice_id
+        return self._latest_id
+
+    def _series_for(self, component: str, agent: str | None) -> _Series | None:
+        key = (component, agent)
+        series = self._series.get(key)
+        if series is not None:
+            return series
+        if component not in self._components:
+            if len(self._components) >= self._max_components:
+                return None
+            self._components.add(component)
+        if agent is not None and agent not in self._agents:
+            if len(self._agents) >= self._max_agents:
+                return None
+            self._agents.add(agent)
+        series = self._series[key] = _Series(self._slices)
+        return series
+
+    @staticmethod
+    def _stats(series: _Series) -> dict[str, float | int]:
+        count = series.count
+        if count == 0:
+            return _empty_stats()
+        live = series.live()
+        low = min(part.low for part in live)
+        high = max(part.high for part in live)
+        cumulative = list(accumulate(series.totals))
+        mean = math.fsum(part.total for part in live) / count
+        return {
+            "count": count,
+            "mean": min(max(mean, low), high),  # float rounding must not leave [min, max]
+            "median": _quantile(cumulative, count, 0.50, low, high),
+            "p95": _quantile(cumulative, count, 0.95, low, high),
+            "p99": _quantile(cumulative, count, 0.99, low, high),
+            "min": low,
+            "max": high,
+        }
+
+    @staticmethod
+    def _rejection(component: object, duration_ms: object, agent: object) -> str | None:
+        if not isinstance(component, str) or not component:
+            return "bad_component"
+        if agent is not None and (not isinstance(agent, str) or not agent):
+            return "bad_agent"
+        # bool is an int subclass, but True ms is a caller bug, not a latency.
+        if isinstance(duration_ms, bool) or not isinstance(duration_ms, (int, float)):
+            return "non_numeric"
+        try:
+            value = float(duration_ms)
+        except OverflowError:  # an int beyond float range
+            return "infinite"
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "infinite"
+        if value < 0:
+            return "negative"
+        return None
+
+    def _skip(self, reason: str, subject: object, value: object) -> None:
+        with self._lock:
+            self._skip_locked(reason, subject, value)
+
+    def _skip_locked(self, reason: str, subject: object, value: object) -> None:
+        self._skipped[reason] = self._skipped.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self._last_warned.get(reason)
+        if last is not None and now - last < _WARN_EVERY_S:
+            return
+        self._last_warned[reason] = now
+        logger.warning(
+            "latency sample skipped (%s): %r=%r; %d skipped for this reason so far",
+            reason,
+            subject,
+            value,
+            self._skipped[reason],
+        )
+
+
+def _series_order(item: tuple[tuple[str, str | None], _Series]) -> str:
+    return item[0][0]
+
+
+_default: LatencyMonitor | None = None
+_default_lock = threading.Lock()
+
+
+def default_monitor() -> LatencyMonitor:
+    """The process-wide monitor `instrument()` uses unless given one (created on first use)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = LatencyMonitor()
+    return _default

@@ -1,0 +1,159 @@
+"""In-process SLO evaluation over the monitor's window: exact counts, burn rate, breach hook."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from lk_observe.monitor import LatencyMonitor
+from lk_observe.slo import (
+    DEFAULT_SLOS,
+    SLO,
+    BurnWindow,
+    SLOEvaluator,
+    SLOStatus,
+    breach_burn_rate,
+    evaluate,
+)
+
+E2E_GOOD = DEFAULT_SLOS[0]  # e2e <= 800 ms for 95% of turns, pages
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _monitor_with(values: list[float], clock: FakeClock | None = None) -> LatencyMonitor:
+    monitor = LatencyMonitor(window_s=300.0, clock=clock or FakeClock())
+    for value in values:
+        monitor.record("e2e", value)
+    return monitor
+
+
+def test_turn_at_exactly_the_threshold_counts_as_good() -> None:
+    status = evaluate(E2E_GOOD, _monitor_with([799.9, 800.0, 800.1]))
+    assert (status.turns, status.good_turns) == (3, 2)
+    assert status.compliance == pytest.approx(2 / 3)
+
+
+def test_evaluation_numbers_on_known_data() -> None:
+    status = evaluate(E2E_GOOD, _monitor_with([500.0] * 90 + [900.0] * 10))
+    assert status.turns == 100
+    assert status.good_turns == 90
+    assert status.compliance == pytest.approx(0.90)
+    assert status.burn_rate == pytest.approx(2.0)  # 10% errors over a 5% budget
+    assert status.error_budget_remaining == pytest.approx(-1.0)  # the window overspends
+    assert status.breach_burn_rate == 14.4
+    assert status.min_turns == pytest.approx(2.5)  # 30 turns/h scaled to 300 s
+    assert status.breaching is False
+
+
+def test_within_objective_leaves_budget_and_no_breach() -> None:
+    status = evaluate(E2E_GOOD, _monitor_with([500.0] * 98 + [900.0] * 2))
+    assert status.burn_rate == pytest.approx(0.4)
+    assert status.error_budget_remaining == pytest.approx(0.6)
+    assert status.breaching is False
+
+
+def test_no_turns_reports_no_compliance_and_no_budget() -> None:
+    status = evaluate(E2E_GOOD, _monitor_with([]))
+    assert (status.turns, status.good_turns, status.compliance) == (0, 0, None)
+    assert status.burn_rate == 0.0
+    assert status.error_budget_remaining is None
+    assert status.breaching is False
+
+
+def test_fast_burn_with_enough_traffic_is_a_breach() -> None:
+    status = evaluate(E2E_GOOD, _monitor_with([500.0] * 2 + [2000.0] * 8))
+    assert status.burn_rate == pytest.approx(16.0)
+    assert status.breaching is True
+
+
+def test_too_little_traffic_never_breaches() -> None:
+    status = evaluate(E2E_GOOD, _monitor_with([2000.0, 2000.0]))  # 2 turns < 2.5 needed
+    assert status.burn_rate == pytest.approx(20.0)
+    assert status.breaching is False
+
+
+def test_evaluation_can_be_scoped_to_one_agent() -> None:
+    monitor = LatencyMonitor(clock=FakeClock())
+    for _ in range(5):
+        monitor.record("e2e", 2000.0, agent="slow")
+        monitor.record("e2e", 100.0, agent="fast")
+    assert evaluate(E2E_GOOD, monitor, agent="slow").breaching is True
+    assert evaluate(E2E_GOOD, monitor, agent="fast").breaching is False
+    assert evaluate(E2E_GOOD, monitor).compliance == pytest.approx(0.5)
+
+
+def test_breach_factor_is_the_fastest_window_of_the_slo_severity() -> None:
+    assert breach_burn_rate(E2E_GOOD) == 14.4
+    assert breach_burn_rate(DEFAULT_SLOS[1]) == 14.4  # a ticket SLO tickets on every window
+    slow_only = SLO(
+        name="slow_only",
+        component="e2e",
+        threshold_s=0.8,
+        objective=0.95,
+        windows=(BurnWindow("3d", "6h", 1.0, "ticket"), BurnWindow("1d", "2h", 3.0, "ticket")),
+    )
+    assert breach_burn_rate(slow_only) == 3.0  # no page window: the fastest there is
+    no_windows = SLO(name="bare", component="e2e", threshold_s=0.8, objective=0.95, windows=())
+    assert breach_burn_rate(no_windows) == 1.0
+
+
+def test_status_to_dict_is_json_friendly() -> None:
+    status = evaluate(E2E_GOOD, _monitor_with([500.0, 900.0]))
+    data = status.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["name"] == "e2e_good"
+    assert data["threshold_ms"] == 800.0
+    assert data["good_turns"] == 1
+    assert data["error_budget_remaining"] == pytest.approx(-9.0)
+
+
+def test_on_breach_fires_once_per_breach_and_rearms_after_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    monitor = _monitor_with([2000.0] * 10, clock)
+    fired: list[SLOStatus] = []
+    evaluator = SLOEvaluator([E2E_GOOD], monitor, fired.append)
+    with caplog.at_level(logging.WARNING, logger="lk_observe.slo"):
+        first = evaluator.check()
+        evaluator.check()
+    assert [status.breaching for status in first] == [True]
+    assert [status.name for status in fired] == ["e2e_good"]
+    assert len(caplog.records) == 1
+
+    clock.now = 400.0  # the bad turns leave the window
+    monitor.record("e2e", 100.0)
+    assert evaluator.check()[0].breaching is False
+    for _ in range(10):
+        monitor.record("e2e", 2000.0)
+    evaluator.check()
+    assert len(fired) == 2
+
+
+def test_raising_on_breach_hook_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(status: SLOStatus) -> None:
+        raise RuntimeError("user bug")
+
+    evaluator = SLOEvaluator(DEFAULT_SLOS, _monitor_with([2000.0] * 10), broken)
+    with caplog.at_level(logging.WARNING, logger="lk_observe.slo"):
+        statuses = evaluator.check()
+    assert [status.breaching for status in statuses] == [True, True]
+    assert sum("on_breach hook raised" in record.getMessage() for record in caplog.records) == 2
+
+
+def test_evaluator_without_hook_still_reports_every_slo() -> None:
+    evaluator = SLOEvaluator(DEFAULT_SLOS, _monitor_with([400.0, 600.0, 700.0]))
+    statuses = evaluator.check()
+    assert [(s.name, s.good_turns, s.turns) for s in statuses] == [
+        ("e2e_good", 3, 3),
+        ("e2e_excellent", 1, 3),
+    ]

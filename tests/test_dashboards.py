@@ -1,0 +1,216 @@
+"""Generated Grafana dashboards: stable output, committed copies current, variables, schema."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lk_observe.dashboards import build_dashboards, render_dashboards
+from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow
+
+REPO = Path(__file__).resolve().parents[1]
+DASHBOARD_DIR = REPO / "dashboards"
+SCHEMA_DIR = REPO / "tools" / "grafana-schema"
+RANGE_SELECTOR = re.compile(r"\[([^\]]+)\]")
+RATE_CALL = re.compile(r"\b(rate|increase|irate)\(")
+
+Panel = dict[str, Any]
+
+
+def _rendered() -> dict[str, dict[str, Any]]:
+    return {name: json.loads(text) for name, text in render_dashboards(DEFAULT_SLOS).items()}
+
+
+def _panels(board: dict[str, Any]) -> Iterator[Panel]:
+    for panel in board.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows keep their panels inside
+
+
+def _targets(board: dict[str, Any]) -> Iterator[tuple[Panel, dict[str, Any]]]:
+    for panel in _panels(board):
+        for target in panel.get("targets", []):
+            yield panel, target
+
+
+def test_rendering_twice_gives_identical_text() -> None:
+    assert render_dashboards(DEFAULT_SLOS) == render_dashboards(DEFAULT_SLOS)
+    for text in render_dashboards(DEFAULT_SLOS).values():
+        assert text.endswith("}\n")
+
+
+def test_committed_dashboards_match_a_fresh_render() -> None:
+    rendered = render_dashboards(DEFAULT_SLOS)
+    committed = {p.name: p.read_text(encoding="utf-8") for p in DASHBOARD_DIR.glob("*.json")}
+    assert sorted(committed) == sorted(rendered), "run `lk-observe generate` to refresh dashboards/"
+    for name, text in rendered.items():
+        assert committed[name] == text, f"dashboards/{name} is stale: run `lk-observe generate`"
+
+
+def test_build_and_render_agree_on_file_names_and_uids_are_stable() -> None:
+    built = build_dashboards(DEFAULT_SLOS)
+    assert set(built) == set(render_dashboards(DEFAULT_SLOS))
+    assert {name: board.uid for name, board in built.items()} == {
+        "voice-agent-overview.json": "lk-observe-overview",
+        "voice-agent-components.json": "lk-observe-components",
+        "voice-agent-slo.json": "lk-observe-slo",
+    }
+
+
+def test_every_dashboard_has_datasource_and_multi_agent_variables() -> None:
+    for name, board in _rendered().items():
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource", name
+        assert variables["datasource"]["query"] == "prometheus", name
+        agent = variables["agent"]
+        assert agent["type"] == "query", name
+        assert agent["query"] == "label_values(voice_agent_latency_seconds_count, agent)", name
+        assert agent["multi"] is True and agent["includeAll"] is True, name
+        assert agent["datasource"]["uid"] == "${datasource}", name
+
+
+def test_every_panel_and_target_uses_the_datasource_variable() -> None:
+    for name, board in _rendered().items():
+        for panel in _panels(board):
+            if panel["type"] != "row":
+                assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
+                assert panel.get("targets"), f"{name}: panel {panel['title']!r} has no query"
+        for panel, target in _targets(board):
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, (
+                f"{name}: {panel['title']!r} {target['refId']}"
+            )
+
+
+def test_panel_ids_and_ref_ids_are_unique() -> None:
+    for name, board in _rendered().items():
+        ids = [panel["id"] for panel in _panels(board)]
+        assert len(ids) == len(set(ids)), name
+        for panel in _panels(board):
+            refs = [t["refId"] for t in panel.get("targets", [])]
+            assert len(refs) == len(set(refs)) and all(refs), f"{name}: {panel['title']!r}"
+
+
+def _slo_ranges(slos: tuple[SLO, ...]) -> set[str]:
+    return {r for s in slos for w in s.windows for r in (w.long, w.short)} | {
+        s.period for s in slos
+    }
+
+
+def test_rates_use_rate_interval_except_slo_windows_and_range_stats() -> None:
+    slo_ranges = _slo_ranges(DEFAULT_SLOS)
+    for name, board in _rendered().items():
+        for panel, target in _targets(board):
+            expr = target["expr"]
+            ranges = RANGE_SELECTOR.findall(expr)
+            assert len(ranges) == len(RATE_CALL.findall(expr)), expr  # no bare range vectors
+            where = f"{name}: {panel['title']!r} {target['refId']}: {expr}"
+            allowed = {"$__rate_interval"}
+            if target.get("instant"):
+                allowed.add("$__range")  # one number over the dashboard's time range
+            if name == "voice-agent-slo.json":
+                allowed |= slo_ranges  # burn rates and compliance are defined over fixed windows
+            assert set(ranges) <= allowed, where
+            if panel["type"] in ("timeseries", "heatmap") and name != "voice-agent-slo.json":
+                assert set(ranges) <= {"$__rate_interval"}, where
+
+
+def test_latency_queries_request_exemplars_and_heatmaps_read_buckets() -> None:
+    boards = _rendered()
+    latency = [
+        (panel, target)
+        for board in boards.values()
+        for panel, target in _targets(board)
+        if panel["type"] in ("timeseries", "heatmap")
+        and "voice_agent_latency_seconds_bucket" in target["expr"]
+        and "$__rate_interval" in target["expr"]
+        and "le=" not in target["expr"]  # SLO ratios are not latencies
+        and "clamp_min" not in target["expr"]  # differences of quantiles carry no exemplar
+    ]
+    assert latency
+    for panel, target in latency:
+        if panel["title"] != "Pipeline budget: stacked p50 vs the guide":
+            assert target.get("exemplar") is True, panel["title"]
+    heatmaps = [p for p in _panels(boards["voice-agent-components.json"]) if p["type"] == "heatmap"]
+    assert len(heatmaps) == 6
+    for panel in heatmaps:
+        (target,) = panel["targets"]
+        assert target["format"] == "heatmap"
+        assert target["expr"].startswith(
+            "sum by (le) (increase(voice_agent_latency_seconds_bucket{"
+        )
+        assert panel["options"]["calculate"] is False
+    assert "trace_id" in boards["voice-agent-overview.json"]["description"]
+
+
+def test_e2e_threshold_lines_come_from_the_slos() -> None:
+    def e2e_steps(slos: tuple[SLO, ...]) -> list[float]:
+        board = json.loads(render_dashboards(slos)["voice-agent-overview.json"])
+        panel = next(p for p in _panels(board) if p["title"].startswith("End-to-end latency"))
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        return [s["value"] for s in steps[1:]]
+
+    assert e2e_steps(DEFAULT_SLOS) == [0.5, 0.8]
+    tighter = (SLO(name="fast", component="e2e", threshold_s=0.6, objective=0.9),)
+    assert e2e_steps(tighter) == [0.6]
+
+
+def test_slo_panels_follow_each_slos_threshold_windows_and_period() -> None:
+    slo = SLO(
+        name="stt_fast",
+        component="stt",
+        threshold_s=0.3,
+        objective=0.99,
+        period="7d",
+        windows=(BurnWindow("2h", "10m", 10.0, "page"),),
+    )
+    board = json.loads(render_dashboards((slo,))["voice-agent-slo.json"])
+    exprs = [t["expr"] for _, t in _targets(board) if "voice_agent_latency" in t["expr"]]
+    assert exprs and all('component="stt"' in e and 'le="0.3"' in e for e in exprs)
+    ranges = {r for e in exprs for r in RANGE_SELECTOR.findall(e)}
+    assert ranges == {"$__range", "7d", "2h", "10m"}
+    assert any(e.endswith("/ 0.01") for e in exprs)  # burn rate divides by the error budget
+
+
+def test_generated_json_type_checks_against_grafana_schema(tmp_path: Path) -> None:
+    if shutil.which("npm") is None or shutil.which("node") is None:
+        pytest.skip("Node.js/npm not installed; the schema check needs them")
+    setup = subprocess.run(
+        [str(REPO / "scripts" / "setup-grafana-schema.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert setup.returncode == 0, setup.stderr
+    for name, text in render_dashboards(DEFAULT_SLOS).items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    check = subprocess.run(
+        ["node", str(SCHEMA_DIR / "check.mjs"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_schema_check_rejects_an_unknown_key(tmp_path: Path) -> None:
+    if shutil.which("node") is None or not (SCHEMA_DIR / "node_modules").is_dir():
+        pytest.skip("run scripts/setup-grafana-schema.sh first")
+    board = json.loads(render_dashboards(DEFAULT_SLOS)["voice-agent-overview.json"])
+    board["panels"][0]["fieldConfig"]["defaults"]["thresholds"]["mode"] = "absolutely"
+    board["templating"]["list"][0]["refreshh"] = 1
+    (tmp_path / "broken.json").write_text(json.dumps(board), encoding="utf-8")
+    check = subprocess.run(
+        ["node", str(SCHEMA_DIR / "check.mjs"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert check.returncode == 1
+    assert '"absolutely"' in check.stderr

@@ -1,0 +1,321 @@
+"""The ops HTTP app: health, readiness, Prometheus /metrics, live latency, SLOs, a live page."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from importlib import resources
+from typing import Any
+
+import anyio.to_thread
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+
+from lk_observe.metrics import multiproc_dir, render_metrics
+from lk_observe.monitor import LatencyMonitor, default_monitor
+from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
+from lk_observe.turns import Turn
+
+logger = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+DEFAULT_CHECK_TIMEOUT_S = 2.0
+_STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+# The page loads only its own files and talks only to this app.
+_PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_JSON_HEADERS = {"Cache-Control": "no-store"}
+
+
+class RecentTurns:
+    """The last `maxlen` turns, for the live page. Thread-safe; `add` is a turn sink."""
+
+    def __init__(self, maxlen: int = 50) -> None:
+        self._turns: deque[Turn] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def add(self, turn: Turn) -> None:
+        with self._lock:
+            self._turns.append(turn)
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Oldest first; numbers and ids only (no speech ids, session ids or user text)."""
+        with self._lock:
+            turns = list(self._turns)
+        return [_turn_summary(turn) for turn in turns]
+
+
+def _turn_summary(turn: Turn) -> dict[str, Any]:
+    origin = min((stage.start for stage in turn.stages.values()), default=turn.started_at)
+    return {
+        "index": turn.index,
+        "kind": turn.kind,
+        "agent": turn.agent,
+        "tier": turn.tier,
+        "interrupted": turn.interrupted,
+        "ended_at": turn.ended_at,
+        "latency_ms": dict(turn.latency_ms),
+        # offsets from the turn's first stage, so the page can draw a waterfall
+        "stages": {
+            name: [(stage.start - origin) * 1000.0, (stage.end - origin) * 1000.0]
+            for name, stage in turn.stages.items()
+        },
+        "tool_calls": turn.tool_calls,
+        "trace_id": None if turn.trace_id is None else f"{turn.trace_id:032x}",
+    }
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN/Infinity; a stray one must not turn an ops endpoint into a 500.
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json(data: Any, status_code: int = 200) -> JSONResponse:
+    return JSONResponse(_finite(data), status_code=status_code, headers=_JSON_HEADERS)
+
+
+def add_readiness_check(app: FastAPI, name: str, check: ReadinessCheck) -> None:
+    """Register an async check (e.g. "stt": can we reach the STT provider?) for /ready."""
+    checks: dict[str, ReadinessCheck] = app.state.readiness_checks
+    checks[name] = check
+
+
+def _dir_writable(directory: str) -> bool:
+    return os.path.isdir(directory) and os.access(directory, os.W_OK)
+
+
+async def _multiproc_dir_writable() -> bool:
+    directory = multiproc_dir()
+    # a stalled filesystem must not stall the loop
+    return directory is not None and await anyio.to_thread.run_sync(_dir_writable, directory)
+
+
+def _builtin_checks() -> dict[str, ReadinessCheck]:
+    checks: dict[str, ReadinessCheck] = {}
+    if multiproc_dir():
+        # job processes write their metrics there; without it /metrics silently loses them
+        checks["metrics_multiproc_dir"] = _multiproc_dir_writable
+    return checks
+
+
+async def _run_check(check: ReadinessCheck) -> bool:
+    result: object = check()
+    if inspect.isawaitable(result):  # tolerate a plain function returning bool
+        result = await result
+    return bool(result)
+
+
+async def run_readiness_checks(
+    checks: Mapping[str, ReadinessCheck], timeout_s: float
+) -> dict[str, str]:
+    """Run every check at once; each ends "ok", "failed", "error" or "timeout" within timeout_s."""
+    tasks = {name: asyncio.ensure_future(_run_check(check)) for name, check in checks.items()}
+    if not tasks:
+        return {}
+    done, pending = await asyncio.wait(tasks.values(), timeout=timeout_s)
+    for task in pending:
+        task.cancel()  # not awaited: a check that ignores cancellation must not hang /ready
+        task.add_done_callback(_consume_result)
+    results: dict[str, str] = {}
+    for name, task in tasks.items():
+        if task not in done:
+            results[name] = "timeout"
+        elif task.exception() is not None:
+            # the type only: exception messages can carry URLs or keys
+            logger.warning("readiness check %s raised %s", name, type(task.exception()).__name__)
+            results[name] = "error"
+        else:
+            results[name] = "ok" if task.result() else "failed"
+    return results
+
+
+def _consume_result(task: asyncio.Future[bool]) -> None:
+    if not task.cancelled():
+        task.exception()  # mark retrieved: no "exception was never retrieved" noise
+
+
+def _wants_openmetrics(accept: str) -> bool:
+    return "application/openmetrics-text" in accept
+
+
+def _static_text(name: str) -> str:
+    return resources.files("lk_observe").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def create_app(
+    monitor: LatencyMonitor | None = None,
+    registry: CollectorRegistry | None = None,
+    checks: Mapping[str, ReadinessCheck] | None = None,
+    slos: Iterable[SLO] | None = None,
+    recent: RecentTurns | None = None,
+    *,
+    check_timeout_s: float = DEFAULT_CHECK_TIMEOUT_S,
+) -> FastAPI:
+    """The ops app. `registry` None means prometheus_client.REGISTRY (or, when
+    PROMETHEUS_MULTIPROC_DIR is set, every process's metrics files)."""
+    the_monitor = monitor if monitor is not None else default_monitor()
+    the_slos = tuple(DEFAULT_SLOS if slos is None else slos)
+    the_recent = recent if recent is not None else RecentTurns()
+    page = {name: _static_text(name) for name in ("index.html", *_STATIC_FILES)}
+
+    app = FastAPI(title="lk_observe", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.readiness_checks = {**_builtin_checks(), **(checks or {})}
+    app.state.monitor = the_monitor
+    app.state.recent = the_recent
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return _json({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        results = await run_readiness_checks(app.state.readiness_checks, check_timeout_s)
+        failing = sorted(name for name, status in results.items() if status != "ok")
+        body = {"ready": not failing, "checks": results, "failing": failing}
+        return _json(body, status_code=503 if failing else 200)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        openmetrics = _wants_openmetrics(request.headers.get("accept", ""))
+        # generate_latest takes milliseconds per label set: keep it off the event loop
+        body, content_type = await anyio.to_thread.run_sync(render_metrics, registry, openmetrics)
+        return Response(body, media_type=content_type)
+
+    @app.get("/metrics/latency")
+    async def latency(agent: str | None = None) -> JSONResponse:
+        return _json(the_monitor.get_all_stats(agent=agent))
+
+    @app.get("/slo")
+    async def slo_status() -> JSONResponse:
+        return _json([evaluate(slo, the_monitor).to_dict() for slo in the_slos])
+
+    @app.get("/turns/recent")
+    async def recent_turns() -> JSONResponse:
+        return _json(the_recent.snapshot())
+
+    @app.get("/")
+    async def live_page() -> Response:
+        return Response(
+            page["index.html"],
+            media_type="text/html; charset=utf-8",
+            headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-store"},
+        )
+
+    @app.get("/static/{name}")
+    async def static(name: str) -> Response:
+        media_type = _STATIC_FILES.get(name)
+        if media_type is None:
+            return Response(status_code=404)
+        return Response(page[name], media_type=f"{media_type}; charset=utf-8")
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(status_code=204)  # browsers ask; a 404 would be a console error
+
+    return app
+
+
+class Server:
+    """An ops app served by uvicorn on its own thread and event loop, away from the agent's."""
+
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        limit_concurrency: int = 32,
+        timeout_keep_alive: int = 5,
+    ) -> None:
+        # Bind here so port=0 has a real port before start() returns, and errors raise here.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError:
+            self._socket.close()
+            raise
+        self.host = host
+        self.port: int = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            log_config=None,  # a library never reconfigures the app's logging
+            access_log=False,
+            lifespan="off",
+            limit_concurrency=limit_concurrency,  # beyond it: 503, not an unbounded queue
+            timeout_keep_alive=timeout_keep_alive,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name="lk-observe-http", daemon=True)
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._server.serve(sockets=[self._socket]))
+        except BaseException as exc:  # reported by start(); a daemon thread must not die loud
+            self._error = exc
+            logger.exception("lk_observe ops server stopped with an error")
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if not self._server.started:
+            self.stop()
+            raise RuntimeError(f"ops server did not start on {self.url}") from self._error
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop serving; True when the thread ended within timeout_s."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout_s / 2)
+        if self._thread.is_alive():
+            self._server.force_exit = True  # drop lingering connections
+            self._thread.join(timeout_s / 2)
+        self._socket.close()
+        return not self._thread.is_alive()
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    limit_concurrency: int = 32,
+    **app_kwargs: Any,
+) -> Server:
+    """Start the ops app in the background (loopback by default); stop it with server.stop()."""
+    server = Server(create_app(**app_kwargs), host, port, limit_concurrency=limit_concurrency)
+    server.start()
+    return server

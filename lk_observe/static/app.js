@@ -1,0 +1,195 @@
+// Live page: polls the ops app's JSON endpoints and redraws. No dependencies, no external assets.
+"use strict";
+
+const POLL_MS = 1500;
+const WATERFALL_TURNS = 12;
+const COMPONENT_ORDER = ["e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb"];
+// Upper ends of the latency guide's per-stage budget; e2e is the Good tier's edge.
+const BUDGET_MS = { e2e: 800, vad: 200, stt: 200, llm_ttft: 300, tts_ttfb: 80 };
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text; // textContent only: never parse data as HTML
+  return node;
+}
+
+function ms(value) {
+  return typeof value === "number" && isFinite(value) ? String(Math.round(value)) : "–";
+}
+
+function pct(value, digits) {
+  return typeof value === "number" && isFinite(value) ? (value * 100).toFixed(digits) + "%" : "–";
+}
+
+function byComponentOrder(a, b) {
+  const ia = COMPONENT_ORDER.indexOf(a);
+  const ib = COMPONENT_ORDER.indexOf(b);
+  return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
+}
+
+async function getJSON(path) {
+  const response = await fetch(path, { cache: "no-store", headers: { Accept: "application/json" } });
+  // /ready answers 503 with a JSON body while not ready: that is data, not a failure
+  if (!response.ok && response.status !== 503) throw new Error(path + " " + response.status);
+  return response.json();
+}
+
+function renderLatency(stats) {
+  const body = document.getElementById("latency-body");
+  const components = Object.keys(stats).sort(byComponentOrder);
+  body.replaceChildren();
+  if (components.length === 0) {
+    const row = el("tr", "empty");
+    const cell = el("td", null, "no turns yet");
+    cell.colSpan = 7;
+    row.append(cell);
+    body.append(row);
+    return;
+  }
+  for (const component of components) {
+    const s = stats[component];
+    const row = el("tr");
+    row.dataset.component = component;
+    row.append(el("td", "component", component));
+    row.append(el("td", "num count", String(s.count)));
+    const budget = BUDGET_MS[component];
+    for (const key of ["median", "p95", "p99", "max"]) {
+      const cell = el("td", "num " + (key === "median" ? "p50" : key), ms(s[key]));
+      if (budget !== undefined && key === "p95" && s.count > 0 && s[key] > budget) {
+        cell.classList.add("over");
+      }
+      row.append(cell);
+    }
+    row.append(el("td", "num budget", budget === undefined ? "–" : String(budget)));
+    body.append(row);
+  }
+}
+
+function renderTiers(turns) {
+  const counts = { excellent: 0, good: 0, slow: 0 };
+  const strip = document.getElementById("tier-strip");
+  strip.replaceChildren();
+  for (const turn of turns) {
+    if (turn.kind !== "user" || !turn.tier) continue;
+    counts[turn.tier] += 1;
+    const chip = el("span", "chip " + turn.tier);
+    chip.title = "#" + turn.index + " " + turn.tier + " " + ms(turn.latency_ms.e2e) + " ms";
+    strip.append(chip);
+  }
+  for (const tier of Object.keys(counts)) {
+    document.getElementById("tier-" + tier).textContent = String(counts[tier]);
+  }
+}
+
+function renderLegend() {
+  const legend = document.getElementById("legend");
+  if (legend.childElementCount) return;
+  for (const component of COMPONENT_ORDER) {
+    const item = el("span");
+    const swatch = el("span", "swatch");
+    swatch.style.background = "var(--" + component + ")";
+    item.append(swatch, component);
+    legend.append(item);
+  }
+}
+
+// Bars from the turn's stages (real start/end); without stages, each latency from 0.
+function bars(turn) {
+  const stages = Object.entries(turn.stages || {});
+  if (stages.length) return stages.map(([name, [start, end]]) => ({ name, start, end }));
+  return Object.entries(turn.latency_ms).map(([name, value]) => ({ name, start: 0, end: value }));
+}
+
+function renderWaterfall(turns) {
+  renderLegend();
+  const rows = document.getElementById("waterfall-rows");
+  const recent = turns.slice(-WATERFALL_TURNS).reverse();
+  rows.replaceChildren();
+  if (recent.length === 0) {
+    rows.append(el("p", "empty", "no turns yet"));
+    return;
+  }
+  const laid = recent.map((turn) => ({ turn, bars: bars(turn).sort((a, b) => byComponentOrder(a.name, b.name)) }));
+  const span = Math.max(1, ...laid.flatMap(({ bars }) => bars.map((b) => b.end)));
+  for (const { turn, bars: turnBars } of laid) {
+    const row = el("div", "wf-row");
+    row.dataset.index = String(turn.index);
+    const e2e = turn.latency_ms.e2e;
+    const label = "#" + turn.index + " " + (turn.tier || turn.kind) + " " +
+      (e2e === undefined ? "" : ms(e2e) + " ms") + (turn.interrupted ? " ⨯" : "");
+    row.append(el("div", "wf-label", label));
+    const track = el("div", "wf-track");
+    turnBars.forEach((bar, i) => {
+      const node = el("div", "wf-bar " + bar.name);
+      node.style.left = (100 * Math.max(0, bar.start) / span) + "%";
+      node.style.width = (100 * Math.max(0, bar.end - bar.start) / span) + "%";
+      node.style.top = (1 + (i % 5) * 4) + "px";
+      node.style.background = "var(--" + bar.name + ", var(--muted))";
+      node.title = bar.name + " " + ms(bar.end - bar.start) + " ms";
+      track.append(node);
+    });
+    row.append(track);
+    rows.append(row);
+  }
+}
+
+function renderSlos(statuses) {
+  const cards = document.getElementById("slo-cards");
+  cards.replaceChildren();
+  if (!statuses.length) {
+    cards.append(el("p", "empty", "no SLOs"));
+    return;
+  }
+  for (const s of statuses) {
+    const card = el("div", "slo-card");
+    card.dataset.slo = s.name;
+    const head = el("div", "slo-head");
+    head.append(el("span", "slo-name", s.name));
+    const badge = s.turns === 0 ? ["pill pill-unknown", "no traffic"]
+      : s.breaching ? ["pill pill-bad", "breaching"] : ["pill pill-ok", "ok"];
+    head.append(el("span", badge[0], badge[1]));
+    card.append(head);
+    card.append(el("div", "slo-facts",
+      s.component + " ≤ " + ms(s.threshold_ms) + " ms for " + pct(s.objective, 1) + " of turns · " +
+      "compliance " + pct(s.compliance, 2) + " (" + s.good_turns + "/" + s.turns + ") · " +
+      "burn " + (typeof s.burn_rate === "number" ? s.burn_rate.toFixed(2) + "×" : "–") + " · " +
+      "budget left " + pct(s.error_budget_remaining, 1)));
+    const budget = el("div", "budget");
+    const left = typeof s.error_budget_remaining === "number" ? s.error_budget_remaining : 1;
+    const fill = el("div", "budget-fill" + (left <= 0 ? " out" : left < 0.25 ? " low" : ""));
+    fill.style.width = (100 * Math.min(1, Math.max(0, left))) + "%";
+    budget.append(fill);
+    card.append(budget);
+    cards.append(card);
+  }
+}
+
+function renderReady(ready) {
+  const pill = document.getElementById("ready");
+  pill.className = "pill " + (ready.ready ? "pill-ok" : "pill-bad");
+  pill.textContent = ready.ready ? "ready" : "not ready: " + ready.failing.join(", ");
+}
+
+async function refresh() {
+  const updated = document.getElementById("updated");
+  try {
+    const [stats, turns, slos, ready] = await Promise.all([
+      getJSON("/metrics/latency"), getJSON("/turns/recent"), getJSON("/slo"), getJSON("/ready"),
+    ]);
+    renderLatency(stats);
+    renderTiers(turns);
+    renderWaterfall(turns);
+    renderSlos(slos);
+    renderReady(ready);
+    updated.textContent = "updated " + new Date().toLocaleTimeString();
+    document.body.dataset.loaded = "true";
+  } catch (err) {
+    // shown to the person watching, not thrown: the next poll may well succeed
+    updated.textContent = "update failed: " + err.message;
+  } finally {
+    setTimeout(refresh, POLL_MS);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", refresh);

@@ -1,1 +1,3 @@
-"""lk_observe."""
+"""lk_observe: latency observability for LiveKit voice agents."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,692 @@
+"""A scripted, headless voice pipeline: real AgentSession, scripted VAD/STT/LLM/TTS and audio I/O.
+
+Every stage waits a known delay and writes down when it really happened (`GroundTruth`), so the
+demo has realistic traffic with no LiveKit server or API key, and tests can check each latency
+lk_observe reports against what the pipeline actually did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from livekit import rtc
+from livekit.agents import (
+    NOT_GIVEN,
+    Agent,
+    AgentSession,
+    APIConnectOptions,
+    NotGivenOr,
+    function_tool,
+    llm,
+    stt,
+    tts,
+    utils,
+    vad,
+)
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
+from livekit.agents.voice.io import AudioInput, AudioOutput, AudioOutputCapabilities
+
+SAMPLE_RATE = 24000
+_MIN_SPEECH_S = 0.05  # VAD needs this much speech before declaring its start
+_VAD_UPDATE_S = 0.05
+
+
+@dataclass(frozen=True)
+class ScriptedTurn:
+    """One user utterance and how fast each stage of the agent's reply is (seconds)."""
+
+    speech_s: float = 0.8
+    vad_s: float = 0.25
+    stt_s: float = 0.15
+    llm_ttft_s: float = 0.25
+    llm_total_s: float = 0.45
+    tts_ttfb_s: float = 0.06
+    reply_audio_s: float = 0.6
+    tool_s: float | None = None  # the LLM first calls a tool that takes this long
+    barge_in_after_s: float | None = None  # the next utterance starts this long after speech end
+    gap_s: float = 0.4  # silence between the end of the reply and the next utterance
+
+
+@dataclass
+class TurnTruth:
+    """When each stage of one scripted turn really happened (unix seconds)."""
+
+    speech_end: float | None = None
+    vad_end: float | None = None
+    stt_final: float | None = None
+    eou: float | None = None
+    llm_requests: list[tuple[float, float]] = field(default_factory=list)  # (start, first token)
+    tts_first_text: float | None = None
+    tts_first_audio: float | None = None
+    first_audio_played: float | None = None
+    tool: tuple[float, float] | None = None
+
+    def latency_ms(self) -> dict[str, float]:
+        """The components DESIGN.md defines, from the pipeline's own clocks."""
+        out: dict[str, float] = {}
+        if self.speech_end is not None:
+            for name, at in (
+                ("vad", self.vad_end),
+                ("stt", self.stt_final),
+                ("eou", self.eou),
+                ("e2e", self.first_audio_played),
+            ):
+                if at is not None:
+                    out[name] = (at - self.speech_end) * 1000.0
+        if self.llm_requests:
+            start, first = self.llm_requests[0]
+            out["llm_ttft"] = (first - start) * 1000.0
+        if self.tts_first_text is not None and self.tts_first_audio is not None:
+            out["tts_ttfb"] = (self.tts_first_audio - self.tts_first_text) * 1000.0
+        return out
+
+
+@dataclass
+class GroundTruth:
+    turns: list[TurnTruth]
+    greeting: TurnTruth = field(default_factory=TurnTruth)
+    origin: float = 0.0  # unix time of the timeline's zero
+
+
+def _user_text(i: int) -> str:
+    return f"user utterance {i}"
+
+
+def _reply_text(i: int) -> str:
+    return f"R{i}: here is the answer."
+
+
+def _tool_result(i: int) -> str:
+    return f"lookup-result-{i}"
+
+
+GREETING_PROMPT = "greet the caller"
+GREETING_TEXT = "Hello! How can I help?"
+
+
+@dataclass(frozen=True)
+class _Utterance:
+    index: int
+    start: float  # seconds on the timeline
+    end: float
+    turn: ScriptedTurn
+
+
+def plan_timeline(turns: Sequence[ScriptedTurn], *, lead_s: float = 0.6) -> list[_Utterance]:
+    """Place each utterance on the timeline so that replies and speech don't overlap unless a
+    turn asks the next one to barge in."""
+    out: list[_Utterance] = []
+    t = lead_s
+    for i, turn in enumerate(turns):
+        start, end = t, t + turn.speech_s
+        out.append(_Utterance(i, start, end, turn))
+        if turn.barge_in_after_s is not None:
+            t = end + turn.barge_in_after_s
+        else:
+            reply_at = max(turn.vad_s, turn.stt_s) + 0.15 + (turn.tool_s or 0.0)
+            reply_at += turn.llm_ttft_s * (2 if turn.tool_s is not None else 1) + turn.tts_ttfb_s
+            t = end + reply_at + turn.reply_audio_s + turn.gap_s + 0.3
+    return out
+
+
+class _Clock:
+    """The timeline's zero, set when the first audio frame reaches VAD/STT."""
+
+    def __init__(self, truth: GroundTruth) -> None:
+        self._truth = truth
+        self._zero: float | None = None
+
+    def start(self) -> None:
+        if self._zero is None:
+            self._zero = time.perf_counter()
+            self._truth.origin = time.time()
+
+    def now(self) -> float:
+        assert self._zero is not None
+        return time.perf_counter() - self._zero
+
+    async def sleep_until(self, t: float) -> None:
+        delay = t - self.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def wall(self, t: float) -> float:
+        return self._truth.origin + t
+
+
+class ScriptedVAD(vad.VAD):
+    def __init__(self, utterances: list[_Utterance], clock: _Clock, truth: GroundTruth) -> None:
+        super().__init__(capabilities=vad.VADCapabilities(update_interval=_VAD_UPDATE_S))
+        self._utterances = utterances
+        self._clock = clock
+        self._truth = truth
+
+    @property
+    def model(self) -> str:
+        return "scripted-vad"
+
+    @property
+    def provider(self) -> str:
+        return "lk_observe"
+
+    def stream(self) -> vad.VADStream:
+        return _ScriptedVADStream(self)
+
+
+class _ScriptedVADStream(vad.VADStream):
+    def __init__(self, owner: ScriptedVAD) -> None:
+        super().__init__(owner)
+        self._owner = owner
+
+    async def _main_task(self) -> None:
+        owner = self._owner
+        async for frame in self._input_ch:
+            if isinstance(frame, rtc.AudioFrame):
+                break
+        else:
+            return
+        owner._clock.start()
+        clock = owner._clock
+        for u in owner._utterances:
+            await clock.sleep_until(u.start + _MIN_SPEECH_S)
+            self._send(vad.VADEventType.START_OF_SPEECH, u)
+            decide_at = u.end + u.turn.vad_s
+            while clock.now() < decide_at - 2 * _VAD_UPDATE_S:
+                await asyncio.sleep(_VAD_UPDATE_S)
+                self._send(vad.VADEventType.INFERENCE_DONE, u)
+            await clock.sleep_until(decide_at)
+            truth = owner._truth.turns[u.index]
+            truth.speech_end = clock.wall(u.end)
+            truth.vad_end = time.time()
+            self._send(vad.VADEventType.END_OF_SPEECH, u)
+        async for _ in self._input_ch:
+            pass
+
+    def _send(self, kind: vad.VADEventType, u: _Utterance) -> None:
+        now = self._owner._clock.now()
+        speaking = now <= u.end
+        self._event_ch.send_nowait(
+            vad.VADEvent(
+                type=kind,
+                samples_index=0,
+                timestamp=now,
+                speech_duration=min(now, u.end) - u.start,
+                silence_duration=0.0 if speaking else now - u.end,
+                raw_accumulated_speech=now - u.start if speaking else 0.0,
+                raw_accumulated_silence=0.0 if speaking else now - u.end,
+                speaking=speaking,
+            )
+        )
+
+
+class ScriptedSTT(stt.STT):
+    def __init__(self, utterances: list[_Utterance], clock: _Clock, truth: GroundTruth) -> None:
+        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=True))
+        self._utterances = utterances
+        self._clock = clock
+        self._truth = truth
+
+    @property
+    def model(self) -> str:
+        return "scripted-stt"
+
+    @property
+    def provider(self) -> str:
+        return "lk_observe"
+
+    async def _recognize_impl(
+        self,
+        buffer: utils.AudioBuffer,
+        *,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions,
+    ) -> stt.SpeechEvent:
+        raise NotImplementedError("the scripted STT only streams")
+
+    def stream(
+        self,
+        *,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+    ) -> stt.RecognizeStream:
+        return _ScriptedSTTStream(self, conn_options)
+
+
+class _ScriptedSTTStream(stt.RecognizeStream):
+    def __init__(self, owner: ScriptedSTT, conn_options: APIConnectOptions) -> None:
+        super().__init__(stt=owner, conn_options=conn_options)
+        self._owner = owner
+
+    async def _run(self) -> None:
+        owner = self._owner
+        await self._input_ch.recv()
+        owner._clock.start()
+        clock = owner._clock
+        for u in owner._utterances:
+            await clock.sleep_until(u.end + u.turn.stt_s / 2)
+            self._send(stt.SpeechEventType.INTERIM_TRANSCRIPT, _user_text(u.index).split()[0])
+            await clock.sleep_until(u.end + u.turn.stt_s)
+            owner._truth.turns[u.index].stt_final = time.time()
+            self._send(stt.SpeechEventType.FINAL_TRANSCRIPT, _user_text(u.index))
+        async for _ in self._input_ch:
+            pass
+
+    def _send(self, kind: stt.SpeechEventType, text: str) -> None:
+        self._event_ch.send_nowait(
+            stt.SpeechEvent(type=kind, alternatives=[stt.SpeechData(text=text, language="en")])
+        )
+
+
+@dataclass(frozen=True)
+class _LLMReply:
+    truth: TurnTruth
+    ttft_s: float
+    total_s: float
+    content: str = ""
+    tool_call: llm.FunctionToolCall | None = None
+
+
+class ScriptedLLM(llm.LLM):
+    def __init__(self, replies: dict[str, _LLMReply]) -> None:
+        super().__init__()
+        self._replies = replies
+
+    @property
+    def model(self) -> str:
+        return "scripted-llm"
+
+    @property
+    def provider(self) -> str:
+        return "lk_observe"
+
+    def chat(
+        self,
+        *,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool] | None = None,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+        parallel_tool_calls: NotGivenOr[bool] = NOT_GIVEN,
+        tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
+        extra_kwargs: NotGivenOr[dict[str, Any]] = NOT_GIVEN,
+    ) -> llm.LLMStream:
+        return _ScriptedLLMStream(self, chat_ctx, tools or [], conn_options)
+
+
+class _ScriptedLLMStream(llm.LLMStream):
+    def __init__(
+        self,
+        owner: ScriptedLLM,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool],
+        conn_options: APIConnectOptions,
+    ) -> None:
+        super().__init__(owner, chat_ctx=chat_ctx, tools=tools, conn_options=conn_options)
+        self._owner = owner
+
+    def _key(self) -> str:
+        item = self.chat_ctx.items[-1]
+        if item.type == "message":
+            return item.text_content or ""
+        if item.type == "function_call_output":
+            return item.output
+        return ""
+
+    async def _run(self) -> None:
+        started_perf, started = time.perf_counter(), time.time()
+        reply = self._owner._replies.get(self._key())
+        if reply is None:
+            return
+        await asyncio.sleep(reply.ttft_s)
+        first_token = time.time()
+        if reply.tool_call is not None:
+            self._send(llm.ChoiceDelta(role="assistant", tool_calls=[reply.tool_call]))
+        else:
+            words = reply.content.split(" ")
+            for n, word in enumerate(words):
+                self._send(
+                    llm.ChoiceDelta(role="assistant", content=word + " " * (n < len(words) - 1))
+                )
+        reply.truth.llm_requests.append((started, first_token))
+        rest = reply.total_s - (time.perf_counter() - started_perf)
+        if rest > 0:
+            await asyncio.sleep(rest)
+        self._event_ch.send_nowait(
+            llm.ChatChunk(
+                id=str(id(self)),
+                usage=llm.CompletionUsage(completion_tokens=12, prompt_tokens=48, total_tokens=60),
+            )
+        )
+
+    def _send(self, delta: llm.ChoiceDelta) -> None:
+        self._event_ch.send_nowait(llm.ChatChunk(id=str(id(self)), delta=delta))
+
+
+@dataclass(frozen=True)
+class _TTSReply:
+    truth: TurnTruth
+    ttfb_s: float
+    audio_s: float
+
+
+class ScriptedTTS(tts.TTS):
+    def __init__(self, replies: dict[str, _TTSReply]) -> None:
+        super().__init__(
+            capabilities=tts.TTSCapabilities(streaming=True),
+            sample_rate=SAMPLE_RATE,
+            num_channels=1,
+        )
+        self._replies = replies
+
+    def reply_for(self, text: str) -> _TTSReply | None:
+        """The reply whose text starts with what has arrived so far (replies differ early)."""
+        head = text.strip().split(" ", 1)[0]
+        return self._replies.get(head)
+
+    @property
+    def model(self) -> str:
+        return "scripted-tts"
+
+    @property
+    def provider(self) -> str:
+        return "lk_observe"
+
+    def synthesize(
+        self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+    ) -> tts.ChunkedStream:
+        raise NotImplementedError("the scripted TTS only streams")
+
+    def stream(
+        self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+    ) -> tts.SynthesizeStream:
+        return _ScriptedTTSStream(self, conn_options)
+
+
+class _ScriptedTTSStream(tts.SynthesizeStream):
+    def __init__(self, owner: ScriptedTTS, conn_options: APIConnectOptions) -> None:
+        super().__init__(tts=owner, conn_options=conn_options)
+        self._owner = owner
+
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        output_emitter.initialize(
+            request_id=utils.shortuuid("tts_"),
+            sample_rate=SAMPLE_RATE,
+            num_channels=1,
+            mime_type="audio/pcm",
+            stream=True,
+        )
+        text, segment_open = "", False
+        async for data in self._input_ch:
+            if not isinstance(data, str):  # a flush: the segment's text is complete
+                if segment_open:
+                    output_emitter.end_segment()
+                text, segment_open = "", False
+                continue
+            text += data
+            if segment_open or not text.strip():
+                continue
+            # like a streaming provider: start on the first text, first audio `ttfb_s` later
+            first_text_at = time.time()
+            self._mark_started()
+            reply = self._owner.reply_for(text)
+            if reply is None:
+                continue
+            segment_open = True
+            await asyncio.sleep(reply.ttfb_s)
+            if reply.truth.tts_first_text is None:
+                reply.truth.tts_first_text = first_text_at
+                reply.truth.tts_first_audio = time.time()
+            output_emitter.start_segment(segment_id=utils.shortuuid("seg_"))
+            samples = int(SAMPLE_RATE * reply.audio_s)
+            chunk = SAMPLE_RATE // 50
+            for offset in range(0, samples, chunk):
+                output_emitter.push(b"\x00\x00" * min(chunk, samples - offset))
+        if segment_open:
+            output_emitter.end_segment()
+
+
+class ScriptedAudioInput(AudioInput):
+    """Pushes one frame: the scripted VAD and STT run on the timeline from then on."""
+
+    def __init__(self) -> None:
+        super().__init__(label="scripted-input")
+        self._ch = utils.aio.Chan[rtc.AudioFrame]()
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        return await self._ch.__anext__()
+
+    def push_silence(self, seconds: float = 0.1) -> None:
+        n = int(16000 * seconds)
+        self._ch.send_nowait(
+            rtc.AudioFrame(
+                data=b"\x00\x00" * n, sample_rate=16000, num_channels=1, samples_per_channel=n
+            )
+        )
+
+
+class ScriptedAudioOutput(AudioOutput):
+    """Plays in real time on a virtual clock and notes when each reply's first frame plays."""
+
+    def __init__(self, on_first_frame: Any) -> None:
+        super().__init__(
+            label="scripted-output",
+            capabilities=AudioOutputCapabilities(pause=True),
+            sample_rate=SAMPLE_RATE,
+        )
+        self._on_first_frame = on_first_frame
+        self._pushed = 0.0
+        self._started_at: float | None = None
+        self._paused_at: float | None = None
+        self._paused_total = 0.0
+        self._finish: asyncio.TimerHandle | None = None
+        self._flushed = False
+
+    def _played(self) -> float:
+        if self._started_at is None:
+            return 0.0
+        end = self._paused_at if self._paused_at is not None else time.time()
+        return end - self._started_at - self._paused_total
+
+    def _reset(self) -> None:
+        self._pushed, self._started_at, self._paused_at = 0.0, None, None
+        self._paused_total, self._flushed = 0.0, False
+        if self._finish is not None:
+            self._finish.cancel()
+            self._finish = None
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        await super().capture_frame(frame)
+        self._pushed += frame.duration
+        if self._started_at is None and self._paused_at is None:
+            self._started_at = time.time()
+            self._on_first_frame(self._started_at)
+            self.on_playback_started(created_at=self._started_at)
+
+    def _schedule_finish(self) -> None:
+        if self._finish is not None:
+            self._finish.cancel()
+        if self._paused_at is not None:
+            return
+        pushed = self._pushed
+
+        def finished() -> None:
+            self._reset()
+            self.on_playback_finished(playback_position=pushed, interrupted=False)
+
+        delay = max(pushed - self._played(), 0.0)
+        self._finish = asyncio.get_running_loop().call_later(delay, finished)
+
+    def flush(self) -> None:
+        super().flush()
+        if self._pushed:
+            self._flushed = True
+            self._schedule_finish()
+
+    def clear_buffer(self) -> None:
+        if not self._pushed:
+            return
+        position = min(self._played(), self._pushed)
+        self._reset()
+        self.on_playback_finished(playback_position=position, interrupted=True)
+
+    def pause(self) -> None:
+        super().pause()
+        if self._paused_at is None:
+            self._paused_at = time.time()
+        if self._finish is not None:
+            self._finish.cancel()
+            self._finish = None
+
+    def resume(self) -> None:
+        super().resume()
+        if self._paused_at is not None:
+            self._paused_total += time.time() - self._paused_at
+            self._paused_at = None
+        if self._flushed:
+            self._schedule_finish()
+
+
+class ScriptedAgent(Agent):
+    def __init__(self, truth: GroundTruth, tool_delays: dict[int, float]) -> None:
+        super().__init__(instructions="You are a scripted test agent.")
+        self._truth = truth
+        self._tool_delays = tool_delays
+
+    async def on_user_turn_completed(
+        self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage
+    ) -> None:
+        # EOU ground truth: LiveKit calls this right after it decides the user's turn ended
+        text = new_message.text_content or ""
+        if text.startswith("user utterance "):
+            index = int(text.rsplit(" ", 1)[1])
+            if self._truth.turns[index].eou is None:
+                self._truth.turns[index].eou = time.time()
+
+    @function_tool
+    async def lookup(self, turn: int) -> str:
+        """Look something up for the caller."""
+        started = time.time()
+        await asyncio.sleep(self._tool_delays.get(turn, 0.0))
+        self._truth.turns[turn].tool = (started, time.time())
+        return _tool_result(turn)
+
+
+@dataclass
+class ScriptedPipeline:
+    """Everything a scripted session needs, plus the ground truth it fills in."""
+
+    session: AgentSession[None]
+    agent: ScriptedAgent
+    truth: GroundTruth
+    audio_input: ScriptedAudioInput
+    utterances: list[_Utterance]
+    greeting: bool
+
+    @property
+    def duration_s(self) -> float:
+        last = self.utterances[-1] if self.utterances else None
+        if last is None:
+            return 1.0
+        t = last.turn
+        return last.end + max(t.vad_s, t.stt_s) + 1.0 + (t.tool_s or 0) + t.reply_audio_s
+
+
+def build_pipeline(
+    turns: Sequence[ScriptedTurn],
+    *,
+    greeting: ScriptedTurn | None = None,
+    min_endpointing_s: float = 0.1,
+) -> ScriptedPipeline:
+    """A real AgentSession wired to scripted components; call `run_pipeline` to play it."""
+    truth = GroundTruth(turns=[TurnTruth() for _ in turns])
+    utterances = plan_timeline(turns, lead_s=(greeting.reply_audio_s + 1.0) if greeting else 0.6)
+    clock = _Clock(truth)
+    llm_replies: dict[str, _LLMReply] = {}
+    tts_replies: dict[str, _TTSReply] = {}
+    tool_delays: dict[int, float] = {}
+    for i, turn in enumerate(turns):
+        t = truth.turns[i]
+        if turn.tool_s is not None:
+            tool_delays[i] = turn.tool_s
+            call = llm.FunctionToolCall(
+                name="lookup", arguments=f'{{"turn": {i}}}', call_id=f"call_{i}"
+            )
+            llm_replies[_user_text(i)] = _LLMReply(
+                t, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=call
+            )
+            llm_replies[_tool_result(i)] = _LLMReply(
+                t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
+            )
+        else:
+            llm_replies[_user_text(i)] = _LLMReply(
+                t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
+            )
+        tts_replies[_reply_text(i).split(" ")[0]] = _TTSReply(
+            t, turn.tts_ttfb_s, turn.reply_audio_s
+        )
+    if greeting is not None:
+        g = truth.greeting
+        llm_replies[GREETING_PROMPT] = _LLMReply(
+            g, greeting.llm_ttft_s, greeting.llm_total_s, content=GREETING_TEXT
+        )
+        tts_replies[GREETING_TEXT.split(" ")[0]] = _TTSReply(
+            g, greeting.tts_ttfb_s, greeting.reply_audio_s
+        )
+
+    def on_first_frame(at: float) -> None:
+        # the frame belongs to the reply whose audio the TTS produced last
+        candidates = [
+            t
+            for t in [truth.greeting, *truth.turns]
+            if t.tts_first_audio is not None and t.first_audio_played is None
+        ]
+        if candidates:
+            max(candidates, key=lambda t: t.tts_first_audio or 0.0).first_audio_played = at
+
+    session: AgentSession[None] = AgentSession(
+        vad=ScriptedVAD(utterances, clock, truth),
+        stt=ScriptedSTT(utterances, clock, truth),
+        llm=ScriptedLLM(llm_replies),
+        tts=ScriptedTTS(tts_replies),
+        turn_handling={
+            "turn_detection": "vad",
+            "endpointing": {"min_delay": min_endpointing_s, "max_delay": 3.0},
+            "interruption": {"min_duration": 0.2, "false_interruption_timeout": 1.0},
+        },
+        aec_warmup_duration=None,
+    )
+    audio_input = ScriptedAudioInput()
+    session.input.audio = audio_input
+    session.output.audio = ScriptedAudioOutput(on_first_frame)
+    agent = ScriptedAgent(truth, tool_delays)
+    return ScriptedPipeline(session, agent, truth, audio_input, utterances, greeting is not None)
+
+
+async def run_pipeline(pipeline: ScriptedPipeline, *, settle_s: float = 0.5) -> GroundTruth:
+    """Start the session, play the script to its end, then close the session."""
+    session = pipeline.session
+    await session.start(pipeline.agent)
+    if pipeline.greeting:
+        session.generate_reply(instructions=GREETING_PROMPT)
+    pipeline.audio_input.push_silence()
+    await asyncio.sleep(pipeline.duration_s + settle_s)
+    with contextlib.suppress(RuntimeError):
+        await session.drain()
+    await session.aclose()
+    return pipeline.truth
+
+
+@contextlib.asynccontextmanager
+async def scripted_session(
+    turns: Sequence[ScriptedTurn], *, greeting: ScriptedTurn | None = None
+) -> AsyncIterator[ScriptedPipeline]:
+    pipeline = build_pipeline(turns, greeting=greeting)
+    try:
+        yield pipeline
+    finally:
+        with contextlib.suppress(Exception):
+            await pipeline.session.aclose()

@@ -1,0 +1,416 @@
+"""The Turn record and the TurnAssembler that builds it from AgentSession events."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Tier = Literal["excellent", "good", "slow"]
+TurnKind = Literal["user", "agent"]  # "agent": agent-initiated speech (a greeting), no user turn
+
+# The guide's tiers for perceived (e2e) latency.
+EXCELLENT_BELOW_MS = 500.0
+GOOD_BELOW_MS = 800.0
+
+
+def tier_for(e2e_ms: float | None) -> Tier | None:
+    """The guide's tier for an end-to-end latency; None when e2e was not measured."""
+    if e2e_ms is None:
+        return None
+    if e2e_ms < EXCELLENT_BELOW_MS:
+        return "excellent"
+    if e2e_ms < GOOD_BELOW_MS:
+        return "good"
+    return "slow"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A measured stage of a turn, in unix seconds: where its span is placed."""
+
+    start: float
+    end: float
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end - self.start) * 1000.0
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One user -> agent exchange (or one agent-initiated utterance when kind == "agent").
+
+    `latency_ms` holds only the components that were measured: a pipeline without STT has no
+    "stt" key (never -1 or 0). `stages` holds the same components as time intervals.
+    """
+
+    index: int
+    speech_id: str | None
+    started_at: float
+    ended_at: float
+    latency_ms: Mapping[str, float]
+    interrupted: bool
+    tier: Tier | None
+    kind: TurnKind = "user"
+    session_id: str = ""
+    agent: str = "default"
+    stages: Mapping[str, Stage] = field(default_factory=dict)
+    tool_calls: int = 0
+    tool_ms: float | None = None
+    llm_rounds: int = 0
+    llm_model: str | None = None
+    llm_provider: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    trace_id: int | None = None  # set by the tracing sink before the other sinks run
+    span_id: int | None = None
+
+
+# Bounds that keep the assembler's memory fixed whatever the event stream does.
+MAX_TRACKED_SPEECHES = 64
+MAX_LATENCY_S = 120.0  # a stage longer than this is a broken clock, not a slow agent
+MAX_CLOCK_SKEW_S = 600.0
+
+
+def _finite(value: object) -> float | None:
+    """A usable float, or None for missing, non-numeric, NaN or infinite values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+@dataclass
+class _Speech:
+    """What is known so far about one SpeechHandle (one agent reply)."""
+
+    speech_id: str
+    created_at: float | None = None
+    turn: _PendingTurn | None = None
+    first_audio_at: float | None = None
+    early: dict[str, float] = field(default_factory=dict)
+    llm_rounds: list[tuple[float, float]] = field(default_factory=list)  # (start, first token)
+    llm_model: str | None = None
+    llm_provider: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tts_stage: Stage | None = None
+    tool: Stage | None = None
+    tool_calls: int = 0
+    interrupted: bool = False
+    done: bool = False
+    emitted: bool = False
+
+
+@dataclass
+class _PendingTurn:
+    index: int
+    speech_end: float
+    stages: dict[str, Stage]
+    committed_at: float
+
+
+class TurnAssembler:
+    """Builds one `Turn` per user -> agent exchange from normalised AgentSession events.
+
+    Pure: no I/O, no clock reads; every call passes the time the event arrived (`at`, unix
+    seconds). Each call returns the turns it finished (usually none). A user turn is finished
+    once the agent's first audio has played and the LLM's timing for the reply is known, or
+    when the reply ends without audio (interrupted), or on close. Bad values are skipped and
+    counted in `skipped`, never raised.
+    """
+
+    def __init__(
+        self, *, session_id: str = "", agent: str = "default", max_wait_s: float = 5.0
+    ) -> None:
+        self.session_id = session_id
+        self.agent = agent
+        self.max_wait_s = max_wait_s
+        self.skipped: Counter[str] = Counter()
+        self._next_index = 1
+        self._speeches: OrderedDict[str, _Speech] = OrderedDict()
+        self._seen_items: OrderedDict[str, None] = OrderedDict()
+        self._vad: tuple[float, float] | None = None  # (back-dated speech end, decision time)
+        self._agent_turns: set[str] = set()  # speeches that answer no user turn (greetings)
+        self._closed = False
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def speech_created(self, speech_id: str, at: float) -> list[Turn]:
+        self._speech(speech_id).created_at = at
+        return self.expire(at)
+
+    def user_state(self, new_state: str, created_at: float, at: float) -> list[Turn]:
+        """user_state_changed: "listening" carries the VAD's back-dated speech end."""
+        if new_state == "listening":
+            end = _finite(created_at)
+            if end is not None and 0.0 <= at - end <= MAX_LATENCY_S:
+                self._vad = (end, at)
+        return self.expire(at)
+
+    def user_turn(
+        self, item_id: str, metrics: Mapping[str, Any], speech_id: str | None, at: float
+    ) -> list[Turn]:
+        """A user ChatMessage was committed (conversation_item_added, role "user")."""
+        if self._closed or not self._first_sighting(item_id):
+            return []
+        speech_end = _finite(metrics.get("stopped_speaking_at"))
+        if speech_end is None and self._vad is not None:
+            speech_end = self._vad[0]  # no metrics (e.g. a newer event shape): VAD's estimate
+        if speech_end is None or not -5.0 <= at - speech_end <= MAX_CLOCK_SKEW_S:
+            self.skipped["user_turn_without_speech_end"] += 1
+            return self.expire(at)
+        stages: dict[str, Stage] = {}
+        if self._vad is not None and speech_end - 0.05 <= self._vad[1] <= at:
+            self._add_stage(stages, "vad", speech_end, self._vad[1])
+        self._vad = None
+        for component, key in (("stt", "transcription_delay"), ("eou", "end_of_turn_delay")):
+            delay = _finite(metrics.get(key))
+            if delay is not None:
+                self._add_stage(stages, component, speech_end, speech_end + delay)
+        finished = self._abandon_unanswered(at)
+        turn = _PendingTurn(self._take_index(), speech_end, stages, at)
+        if speech_id:
+            speech = self._speech(speech_id)
+            if speech.turn is None and not speech.emitted:
+                speech.turn = turn
+            else:
+                self.skipped["speech_already_answered"] += 1
+        else:
+            self.skipped["user_turn_without_speech"] += 1
+        return finished + self.expire(at)
+
+    def agent_speaking(
+        self, speech_id: str | None, started_at: float, early: Mapping[str, Any] | None, at: float
+    ) -> list[Turn]:
+        """agent_state_changed -> "speaking": the reply's first audio frame reached the output."""
+        start = _finite(started_at)
+        if not speech_id or start is None:
+            self.skipped["speaking_without_speech"] += 1
+            return self.expire(at)
+        speech = self._speech(speech_id)
+        if speech.first_audio_at is not None or speech.emitted:
+            return self.expire(at)  # resumed after a pause: the first frame already counted
+        speech.first_audio_at = start
+        for key, value in (early or {}).items():
+            if (v := _finite(value)) is not None and v >= 0.0:
+                speech.early[key] = v
+        ttfb, playback = speech.early.get("tts_node_ttfb"), speech.early.get("playback_latency")
+        if ttfb is not None:
+            end = start - (playback or 0.0)
+            speech.tts_stage = self._checked_stage("tts_ttfb", end - ttfb, end)
+        if speech.turn is None:
+            speech.turn = _PendingTurn(self._take_index(), start, {}, at)
+            self._agent_turns.add(speech_id)
+        return self._try_finish(speech, at) + self.expire(at)
+
+    def llm_metrics(
+        self,
+        speech_id: str | None,
+        *,
+        ended_at: float,
+        duration_s: float,
+        ttft_s: float,
+        model: str | None = None,
+        provider: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        at: float,
+    ) -> list[Turn]:
+        """One LLM request finished (LLMMetrics); realtime models report ttft -1: not measured."""
+        if not speech_id:
+            return self.expire(at)
+        end, duration, ttft = _finite(ended_at), _finite(duration_s), _finite(ttft_s)
+        if end is None or duration is None or ttft is None or duration < 0 or ttft < 0:
+            self.skipped["llm_metrics_unusable"] += 1
+            return self.expire(at)
+        speech = self._speech(speech_id)
+        start = end - duration
+        if self._checked_stage("llm_ttft", start, start + ttft) is not None:
+            speech.llm_rounds.append((start, start + ttft))
+        speech.llm_model = speech.llm_model or model
+        speech.llm_provider = speech.llm_provider or provider
+        speech.input_tokens += input_tokens if isinstance(input_tokens, int) else 0
+        speech.output_tokens += output_tokens if isinstance(output_tokens, int) else 0
+        return self._try_finish(speech, at) + self.expire(at)
+
+    def tools_executed(
+        self, speech_id: str | None, started_at: float, ended_at: float, calls: int, at: float
+    ) -> list[Turn]:
+        if not speech_id:
+            return self.expire(at)
+        speech = self._speech(speech_id)
+        stage = self._checked_stage("tool", started_at, ended_at)
+        if stage is not None:
+            old = speech.tool
+            speech.tool = stage if old is None else Stage(old.start, max(old.end, stage.end))
+        speech.tool_calls += max(0, calls)
+        return self.expire(at)
+
+    def speech_done(self, speech_id: str, interrupted: bool, at: float) -> list[Turn]:
+        """The SpeechHandle finished: played out, interrupted or cancelled."""
+        if speech_id not in self._speeches:
+            return self.expire(at)
+        speech = self._speeches[speech_id]
+        speech.done = True
+        speech.interrupted = speech.interrupted or interrupted
+        return self._try_finish(speech, at) + self.expire(at)
+
+    def user_barge_in(self, at: float) -> None:
+        """The user started speaking: a reply that has not started playing is being talked over."""
+        for speech in self._speeches.values():
+            if speech.turn is not None and speech.first_audio_at is None and not speech.emitted:
+                speech.interrupted = True
+
+    def expire(self, now: float) -> list[Turn]:
+        """Finish replies that waited too long for a late figure; callers tick this on a timer."""
+        out: list[Turn] = []
+        for speech in list(self._speeches.values()):
+            if speech.emitted or speech.turn is None:
+                continue
+            since = speech.first_audio_at if speech.first_audio_at is not None else None
+            if since is not None and now - since >= self.max_wait_s:
+                out += self._finish(speech)
+            elif since is None and now - speech.turn.committed_at >= MAX_LATENCY_S:
+                self.skipped["reply_never_started"] += 1
+                out += self._finish(speech)
+        return out
+
+    def close(self, at: float) -> list[Turn]:
+        """Session closed: finish everything pending with what was measured."""
+        out: list[Turn] = []
+        for speech in list(self._speeches.values()):
+            if not speech.emitted and speech.turn is not None:
+                out += self._finish(speech)
+        self._closed = True
+        return out
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for s in self._speeches.values() if s.turn is not None and not s.emitted)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _take_index(self) -> int:
+        index, self._next_index = self._next_index, self._next_index + 1
+        return index
+
+    def _first_sighting(self, item_id: str) -> bool:
+        if item_id in self._seen_items:
+            self.skipped["duplicate_item"] += 1
+            return False
+        self._seen_items[item_id] = None
+        if len(self._seen_items) > MAX_TRACKED_SPEECHES:
+            self._seen_items.popitem(last=False)
+        return True
+
+    def _speech(self, speech_id: str) -> _Speech:
+        speech = self._speeches.get(speech_id)
+        if speech is None:
+            speech = self._speeches[speech_id] = _Speech(speech_id)
+            while len(self._speeches) > MAX_TRACKED_SPEECHES:
+                old_id, old = self._speeches.popitem(last=False)
+                self._agent_turns.discard(old_id)
+                if old.turn is not None and not old.emitted:
+                    self.skipped["evicted_unfinished_reply"] += 1
+        return speech
+
+    def _checked_stage(self, component: str, start: float, end: float) -> Stage | None:
+        s, e = _finite(start), _finite(end)
+        if s is None or e is None:
+            self.skipped[f"{component}_not_a_number"] += 1
+            return None
+        if e < s:
+            self.skipped[f"{component}_negative"] += 1
+            return None
+        if e - s > MAX_LATENCY_S:
+            self.skipped[f"{component}_absurd"] += 1
+            return None
+        return Stage(s, e)
+
+    def _add_stage(
+        self, stages: dict[str, Stage], component: str, start: float, end: float
+    ) -> None:
+        stage = self._checked_stage(component, start, end)
+        if stage is not None:
+            stages[component] = stage
+
+    def _abandon_unanswered(self, at: float) -> list[Turn]:
+        """A new user turn while an older one never got audio: the user moved on."""
+        out: list[Turn] = []
+        for speech in list(self._speeches.values()):
+            if speech.turn is not None and not speech.emitted and speech.first_audio_at is None:
+                if speech.speech_id not in self._agent_turns:
+                    speech.interrupted = True
+                out += self._finish(speech)
+        return out
+
+    def _try_finish(self, speech: _Speech, at: float) -> list[Turn]:
+        if speech.emitted or speech.turn is None:
+            return []
+        if speech.done:
+            return self._finish(speech)
+        if speech.first_audio_at is None:
+            return []
+        # wait for the LLM's own timing (it places the llm span) when the reply had an LLM
+        if "llm_node_ttft" in speech.early and not speech.llm_rounds:
+            return []
+        return self._finish(speech)
+
+    def _finish(self, speech: _Speech) -> list[Turn]:
+        pending = speech.turn
+        assert pending is not None
+        speech.emitted = True
+        is_agent_turn = speech.speech_id in self._agent_turns
+        stages = dict(pending.stages)
+        if speech.first_audio_at is not None and not is_agent_turn:
+            self._add_stage(stages, "e2e", pending.speech_end, speech.first_audio_at)
+        if speech.llm_rounds:
+            start, first_token = speech.llm_rounds[0]
+            stages["llm_ttft"] = Stage(start, first_token)
+        if speech.tts_stage is not None:
+            stages["tts_ttfb"] = speech.tts_stage
+        latency = {name: stage.duration_ms for name, stage in stages.items()}
+        ttft = speech.early.get("llm_node_ttft")
+        if "llm_ttft" not in latency and ttft is not None and ttft <= MAX_LATENCY_S:
+            latency["llm_ttft"] = ttft * 1000.0  # measured, but LiveKit gave no start time
+        e2e = latency.get("e2e")
+        if is_agent_turn:
+            started = speech.created_at if speech.created_at is not None else pending.speech_end
+            ended = speech.first_audio_at if speech.first_audio_at is not None else started
+        else:
+            started = pending.speech_end
+            ended = (
+                speech.first_audio_at if speech.first_audio_at is not None else pending.committed_at
+            )
+        extra_rounds = {
+            f"llm_round_{n}": Stage(s, f) for n, (s, f) in enumerate(speech.llm_rounds[1:], 2)
+        }
+        if speech.tool is not None:
+            extra_rounds["tool"] = speech.tool
+        self._agent_turns.discard(speech.speech_id)
+        return [
+            Turn(
+                index=pending.index,
+                speech_id=speech.speech_id,
+                started_at=min(started, ended),
+                ended_at=ended,
+                latency_ms=latency,
+                interrupted=speech.interrupted,
+                tier=tier_for(e2e),
+                kind="agent" if is_agent_turn else "user",
+                session_id=self.session_id,
+                agent=self.agent,
+                stages={**stages, **extra_rounds},
+                tool_calls=speech.tool_calls,
+                tool_ms=speech.tool.duration_ms if speech.tool is not None else None,
+                llm_rounds=len(speech.llm_rounds),
+                llm_model=speech.llm_model,
+                llm_provider=speech.llm_provider,
+                input_tokens=speech.input_tokens or None,
+                output_tokens=speech.output_tokens or None,
+            )
+        ]

@@ -68,9 +68,10 @@ try {
   const output = (result.stdout + result.stderr).replaceAll(work + path.sep, '').trim();
   if (result.status !== 0) {
     console.error(output || `tsc exited with ${result.status}`);
-    process.exit(1);
+    process.exitCode = 1; // not process.exit(): the finally below must remove the work dir
+  } else {
+    console.log(`@grafana/schema check passed: ${files.join(', ')}`);
   }
-  console.log(`@grafana/schema check passed: ${files.join(', ')}`);
 } finally {
   if (!process.env.KEEP_CHECK_DIR) fs.rmSync(work, { recursive: true, force: true });
 }

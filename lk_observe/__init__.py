@@ -1,3 +1,29 @@
-"""lk_observe: latency observability for LiveKit voice agents."""
+"""lk_observe: latency observability for LiveKit voice agents.
+
+handle = lk_observe.instrument(session)   # one trace per turn, metrics, rolling percentiles
+"""
 
 __version__ = "0.1.0"
+
+from lk_observe.instrument import InstrumentHandle, flush, instrument, uninstrument
+from lk_observe.monitor import LatencyMonitor, default_monitor
+from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow, SLOEvaluator, SLOStatus, evaluate
+from lk_observe.turns import Stage, Turn
+
+__all__ = [
+    "DEFAULT_SLOS",
+    "SLO",
+    "BurnWindow",
+    "InstrumentHandle",
+    "LatencyMonitor",
+    "SLOEvaluator",
+    "SLOStatus",
+    "Stage",
+    "Turn",
+    "__version__",
+    "default_monitor",
+    "evaluate",
+    "flush",
+    "instrument",
+    "uninstrument",
+]

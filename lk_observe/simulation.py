@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from livekit import rtc
 from livekit.agents import (
@@ -20,6 +20,7 @@ from livekit.agents import (
     Agent,
     AgentSession,
     APIConnectOptions,
+    LanguageCode,
     NotGivenOr,
     function_tool,
     llm,
@@ -29,7 +30,7 @@ from livekit.agents import (
     vad,
 )
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
-from livekit.agents.voice.io import AudioInput, AudioOutput, AudioOutputCapabilities
+from livekit.agents.voice.io import AudioInput, AudioOutput, AudioOutputCapabilities, TextOutput
 
 SAMPLE_RATE = 24000
 _MIN_SPEECH_S = 0.05  # VAD needs this much speech before declaring its start
@@ -224,7 +225,7 @@ class _ScriptedVADStream(vad.VADStream):
         )
 
 
-class ScriptedSTT(stt.STT):
+class ScriptedSTT(stt.STT[Literal["metrics_collected"]]):
     def __init__(self, utterances: list[_Utterance], clock: _Clock, truth: GroundTruth) -> None:
         super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=True))
         self._utterances = utterances
@@ -277,9 +278,8 @@ class _ScriptedSTTStream(stt.RecognizeStream):
             pass
 
     def _send(self, kind: stt.SpeechEventType, text: str) -> None:
-        self._event_ch.send_nowait(
-            stt.SpeechEvent(type=kind, alternatives=[stt.SpeechData(text=text, language="en")])
-        )
+        data = stt.SpeechData(text=text, language=LanguageCode("en"))
+        self._event_ch.send_nowait(stt.SpeechEvent(type=kind, alternatives=[data]))
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ class _LLMReply:
     tool_call: llm.FunctionToolCall | None = None
 
 
-class ScriptedLLM(llm.LLM):
+class ScriptedLLM(llm.LLM[Literal["metrics_collected"]]):
     def __init__(self, replies: dict[str, _LLMReply]) -> None:
         super().__init__()
         self._replies = replies
@@ -373,7 +373,7 @@ class _TTSReply:
     audio_s: float
 
 
-class ScriptedTTS(tts.TTS):
+class ScriptedTTS(tts.TTS[Literal["metrics_collected"]]):
     def __init__(self, replies: dict[str, _TTSReply]) -> None:
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=True),
@@ -690,3 +690,37 @@ async def scripted_session(
     finally:
         with contextlib.suppress(Exception):
             await pipeline.session.aclose()
+
+
+class _CollectingTextOutput(TextOutput):
+    def __init__(self) -> None:
+        super().__init__(label="scripted-text", next_in_chain=None)
+
+    async def capture_text(self, text: str) -> None:
+        pass  # user-facing text is deliberately not kept
+
+    def flush(self) -> None:
+        pass
+
+
+def build_text_pipeline(turns: Sequence[ScriptedTurn]) -> tuple[AgentSession[None], GroundTruth]:
+    """A pipeline with no VAD, STT or TTS (typed input, text output): only the LLM is timed."""
+    truth = GroundTruth(turns=[TurnTruth() for _ in turns])
+    replies = {
+        _user_text(i): _LLMReply(
+            truth.turns[i], t.llm_ttft_s, t.llm_total_s, content=_reply_text(i)
+        )
+        for i, t in enumerate(turns)
+    }
+    session: AgentSession[None] = AgentSession(llm=ScriptedLLM(replies), aec_warmup_duration=None)
+    session.output.transcription = _CollectingTextOutput()
+    return session, truth
+
+
+async def play_text_pipeline(
+    session: AgentSession[None], truth: GroundTruth, turns: Sequence[ScriptedTurn]
+) -> None:
+    await session.start(ScriptedAgent(truth, {}))
+    for i in range(len(turns)):
+        await session.generate_reply(user_input=_user_text(i))
+    await session.aclose()

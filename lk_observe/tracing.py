@@ -78,9 +78,7 @@ class TurnTracer:
     def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
         from lk_observe import __version__
 
-        self._tracer = trace.get_tracer(
-            TRACER_NAME, __version__, tracer_provider=tracer_provider
-        )
+        self._tracer = trace.get_tracer(TRACER_NAME, __version__, tracer_provider=tracer_provider)
 
     def record(self, turn: Turn, link_to: SpanContext | None = None) -> Turn:
         """Emit the turn's spans; returns the turn with its trace and root span ids set."""

@@ -111,6 +111,7 @@ class _PendingTurn:
     speech_end: float
     stages: dict[str, Stage]
     committed_at: float
+    spoken: bool = True  # False for typed input: nothing is measured from a speech end
 
 
 class TurnAssembler:
@@ -160,9 +161,12 @@ class TurnAssembler:
         speech_end = _finite(metrics.get("stopped_speaking_at"))
         if speech_end is None and self._vad is not None:
             speech_end = self._vad[0]  # no metrics (e.g. a newer event shape): VAD's estimate
-        if speech_end is None or not -5.0 <= at - speech_end <= MAX_CLOCK_SKEW_S:
-            self.skipped["user_turn_without_speech_end"] += 1
-            return self.expire(at)
+        spoken = speech_end is not None and -5.0 <= at - speech_end <= MAX_CLOCK_SKEW_S
+        if speech_end is not None and not spoken:
+            self.skipped["user_turn_speech_end_implausible"] += 1
+        if speech_end is None or not spoken:
+            speech_end = at  # typed input, or a clock we cannot trust: no speech-based stages
+            metrics = {}
         stages: dict[str, Stage] = {}
         if self._vad is not None and speech_end - 0.05 <= self._vad[1] <= at:
             self._add_stage(stages, "vad", speech_end, self._vad[1])
@@ -172,7 +176,7 @@ class TurnAssembler:
             if delay is not None:
                 self._add_stage(stages, component, speech_end, speech_end + delay)
         finished = self._abandon_unanswered(at)
-        turn = _PendingTurn(self._take_index(), speech_end, stages, at)
+        turn = _PendingTurn(self._take_index(), speech_end, stages, at, spoken)
         if speech_id:
             speech = self._speech(speech_id)
             if speech.turn is None and not speech.emitted:
@@ -203,7 +207,7 @@ class TurnAssembler:
             end = start - (playback or 0.0)
             speech.tts_stage = self._checked_stage("tts_ttfb", end - ttfb, end)
         if speech.turn is None:
-            speech.turn = _PendingTurn(self._take_index(), start, {}, at)
+            speech.turn = _PendingTurn(self._take_index(), start, {}, at, spoken=False)
             self._agent_turns.add(speech_id)
         return self._try_finish(speech, at) + self.expire(at)
 
@@ -240,9 +244,11 @@ class TurnAssembler:
     def tools_executed(
         self, speech_id: str | None, started_at: float, ended_at: float, calls: int, at: float
     ) -> list[Turn]:
-        if not speech_id:
+        # LiveKit runs tools outside the current-speech slot: default to the reply in flight
+        speech = self._speech(speech_id) if speech_id else self._reply_in_flight()
+        if speech is None:
+            self.skipped["tools_without_reply"] += 1
             return self.expire(at)
-        speech = self._speech(speech_id)
         stage = self._checked_stage("tool", started_at, ended_at)
         if stage is not None:
             old = speech.tool
@@ -293,6 +299,12 @@ class TurnAssembler:
         return sum(1 for s in self._speeches.values() if s.turn is not None and not s.emitted)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _reply_in_flight(self) -> _Speech | None:
+        for speech in reversed(self._speeches.values()):
+            if speech.turn is not None and not speech.emitted:
+                return speech
+        return None
 
     def _take_index(self) -> int:
         index, self._next_index = self._next_index, self._next_index + 1
@@ -366,7 +378,7 @@ class TurnAssembler:
         speech.emitted = True
         is_agent_turn = speech.speech_id in self._agent_turns
         stages = dict(pending.stages)
-        if speech.first_audio_at is not None and not is_agent_turn:
+        if speech.first_audio_at is not None and not is_agent_turn and pending.spoken:
             self._add_stage(stages, "e2e", pending.speech_end, speech.first_audio_at)
         if speech.llm_rounds:
             start, first_token = speech.llm_rounds[0]

@@ -1,0 +1,437 @@
+"""Subscribe to an AgentSession, feed the TurnAssembler, fan finished turns out to the sinks.
+
+We hook the session's own `emit` (on the instance, restored on uninstrument) rather than
+registering one `session.on(...)` callback per event: LiveKit's emitter inspects every
+callback's signature on every event and lets a listener's TypeError escape into its own code,
+and `on("metrics_collected")` logs a deprecation warning in the user's app. One wrapper costs a
+function call per event and can never raise into LiveKit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import queue
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanContext, TracerProvider
+from prometheus_client import CollectorRegistry
+
+from lk_observe.metrics import LatencyMetrics
+from lk_observe.monitor import LatencyMonitor, default_monitor
+from lk_observe.slo import DEFAULT_SLOS, SLO
+from lk_observe.tracing import TurnTracer
+from lk_observe.turns import Turn, TurnAssembler
+
+logger = logging.getLogger(__name__)
+
+_MARKER = "_lk_observe_handle"
+_SINK_QUEUE_SIZE = 10_000
+_MAX_TRACKED_HANDLES = 64
+
+TurnHook = Callable[[Turn], None]
+Sink = Callable[[Turn], "Turn | None"]
+
+
+class _SinkWorker:
+    """One daemon thread for the whole process: sinks (span export, /metrics bookkeeping,
+    logging) never run on an agent's event loop, and a slow sink costs queued turns, not lag."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(_SINK_QUEUE_SIZE)
+        self._idle = threading.Condition()
+        self._unfinished = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="lk-observe-sinks", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        with self._idle:
+            self._unfinished += 1
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            with self._idle:
+                self._unfinished -= 1
+                self.dropped += 1
+            return False
+        return True
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every submitted job ran; False on timeout. Never call it on the loop."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._unfinished:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                job()
+            except Exception:  # jobs guard themselves; this is the last line of defence
+                logger.exception("lk_observe sink job failed")
+            finally:
+                with self._idle:
+                    self._unfinished -= 1
+                    if not self._unfinished:
+                        self._idle.notify_all()
+
+
+_worker: _SinkWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def _sink_worker() -> _SinkWorker:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = _SinkWorker()
+        return _worker
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Block until every finished turn has gone through the sinks (span processors included
+    only as far as handing spans over). Call it from a thread, not from the event loop."""
+    return _sink_worker().drain(timeout)
+
+
+class InstrumentHandle:
+    """What `instrument()` returns: the live link between one AgentSession and the sinks."""
+
+    def __init__(
+        self,
+        session: Any,
+        *,
+        agent_name: str,
+        tracer: TurnTracer,
+        metrics: LatencyMetrics,
+        monitor: LatencyMonitor,
+        slos: tuple[SLO, ...],
+        on_turn: TurnHook | None,
+        sinks: Iterable[tuple[str, Sink]] = (),
+    ) -> None:
+        self.session_id = uuid.uuid4().hex
+        self.agent_name = agent_name
+        self.slos = slos
+        self.monitor = monitor
+        self.metrics = metrics
+        self.assembler = TurnAssembler(session_id=self.session_id, agent=agent_name)
+        self.turns_emitted = 0
+        self.handler_failures = 0
+        self._session_ref = weakref.ref(session)
+        self._tracer = tracer
+        self._on_turn = on_turn
+        self._sinks: list[tuple[str, Sink]] = [
+            ("metrics", self._metrics_sink),
+            ("monitor", self._monitor_sink),
+            *sinks,
+        ]
+        self._speech_handles: OrderedDict[str, Any] = OrderedDict()
+        self._active = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._original_emit = session.emit
+        self._wrapped_emit = self._make_wrapper(self._original_emit)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _attach(self, session: Any) -> None:
+        session.emit = self._wrapped_emit  # instance attribute shadows AgentSession.emit
+        setattr(session, _MARKER, self)
+        self.metrics.session_started(self.agent_name)
+
+    def uninstrument(self) -> None:
+        """Stop observing: restore the session's emit and finish what was pending."""
+        if not self._active:
+            return
+        self._active = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        session = self._session_ref()
+        if session is not None:
+            if session.__dict__.get("emit") is self._wrapped_emit:
+                del session.emit  # back to AgentSession.emit, exactly as before
+            if session.__dict__.get(_MARKER) is self:
+                delattr(session, _MARKER)
+        self._dispatch(self.assembler.close(time.time()))
+        self.metrics.session_ended(self.agent_name)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(self.assembler.skipped)
+
+    # -- event intake -------------------------------------------------------------------------
+
+    def _make_wrapper(self, original: Callable[..., None]) -> Callable[..., None]:
+        handle_ref = weakref.ref(self)
+
+        def emit(event: Any, *args: Any) -> None:
+            at = time.time()  # before LiveKit's listeners run: arrival, not their run time
+            try:
+                original(event, *args)
+            finally:
+                handle = handle_ref()
+                if handle is not None and handle._active and args:
+                    handle._observe(event, args[0], at)
+
+        return emit
+
+    def _observe(self, event: str, ev: Any, at: float) -> None:
+        try:
+            self._dispatch(self._route(event, ev, at))
+        except Exception:  # an unknown event shape from a newer livekit-agents: skip, count
+            self.handler_failures += 1
+            self.assembler.skipped[f"unreadable_{event}"] += 1
+            logger.warning("lk_observe skipped an unreadable %s event", event, exc_info=True)
+
+    def _route(self, event: str, ev: Any, at: float) -> list[Turn]:
+        a = self.assembler
+        if event == "user_state_changed":
+            if ev.new_state == "speaking":
+                a.user_barge_in(at)
+            return a.user_state(ev.new_state, ev.created_at, at)
+        if event == "agent_state_changed":
+            if ev.new_state != "speaking":
+                return a.expire(at)
+            session = self._session_ref()
+            speech = getattr(session, "current_speech", None)
+            # LiveKit sets these just before "speaking" for its console (llm/tts timings)
+            early = getattr(session, "_early_assistant_metrics", None)
+            turns = a.agent_speaking(
+                getattr(speech, "id", None),
+                ev.created_at,
+                early if isinstance(early, Mapping) else None,
+                at,
+            )
+            self._arm_expiry()
+            return turns
+        if event == "conversation_item_added":
+            item = ev.item
+            if getattr(item, "type", None) == "message" and item.role == "user":
+                session = self._session_ref()
+                speech = getattr(session, "current_speech", None)
+                return a.user_turn(item.id, item.metrics or {}, getattr(speech, "id", None), at)
+            return a.expire(at)
+        if event == "speech_created":
+            handle = ev.speech_handle
+            self._track_speech(handle)
+            return a.speech_created(handle.id, at)
+        if event == "metrics_collected":
+            return self._route_metrics(ev.metrics, at)
+        if event == "function_tools_executed":
+            session = self._session_ref()
+            speech = getattr(session, "current_speech", None)
+            starts = [c.created_at for c in ev.function_calls]
+            ends = [o.created_at for o in ev.function_call_outputs]
+            if not starts or not ends:
+                return a.expire(at)
+            return a.tools_executed(
+                getattr(speech, "id", None), min(starts), max(ends), len(starts), at
+            )
+        if event == "error":
+            error = ev.error
+            kind = getattr(error, "type", None) or type(error).__name__
+            self.metrics.error(self.agent_name, str(kind))
+            return a.expire(at)
+        if event == "close":
+            turns = a.close(at)
+            self._dispatch(turns)
+            self.uninstrument()
+            return []
+        return []
+
+    def _route_metrics(self, m: Any, at: float) -> list[Turn]:
+        kind = getattr(m, "type", None)
+        if kind not in ("llm_metrics", "realtime_model_metrics"):
+            return []
+        if m.ttft is None or m.ttft < 0:  # realtime models report -1: not measured
+            self.assembler.skipped["llm_ttft_not_reported"] += 1
+            return []
+        metadata = getattr(m, "metadata", None)
+        return self.assembler.llm_metrics(
+            getattr(m, "speech_id", None),
+            ended_at=m.timestamp,
+            duration_s=m.duration,
+            ttft_s=m.ttft,
+            model=getattr(metadata, "model_name", None),
+            provider=getattr(metadata, "model_provider", None),
+            input_tokens=getattr(m, "prompt_tokens", getattr(m, "input_tokens", None)),
+            output_tokens=getattr(m, "completion_tokens", getattr(m, "output_tokens", None)),
+            at=at,
+        )
+
+    def _track_speech(self, handle: Any) -> None:
+        self._speech_handles[handle.id] = handle
+        while len(self._speech_handles) > _MAX_TRACKED_HANDLES:
+            self._speech_handles.popitem(last=False)
+        handle_ref = weakref.ref(self)
+
+        def done(speech: Any) -> None:
+            me = handle_ref()
+            if me is None or not me._active:
+                return
+            try:
+                me._dispatch(
+                    me.assembler.speech_done(speech.id, bool(speech.interrupted), time.time())
+                )
+            except Exception:
+                me.handler_failures += 1
+                logger.warning("lk_observe could not read a finished speech", exc_info=True)
+
+        handle.add_done_callback(done)
+
+    def _arm_expiry(self) -> None:
+        """Finish a reply whose LLM timing never arrives, even if no other event comes."""
+        if self._timer is not None:
+            return
+        try:
+            self._loop = self._loop or asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._timer = self._loop.call_later(self.assembler.max_wait_s + 0.05, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self._active:
+            return
+        try:
+            self._dispatch(self.assembler.expire(time.time()))
+        except Exception:
+            self.handler_failures += 1
+            logger.warning("lk_observe expiry failed", exc_info=True)
+        if self.assembler.pending:
+            self._arm_expiry()
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    def _dispatch(self, turns: list[Turn]) -> None:
+        if not turns:
+            return
+        if self._on_turn is not None and self._loop is None:
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
+        for turn in turns:
+            self.turns_emitted += 1
+            job = functools.partial(self._run_sinks, turn, self._livekit_span(turn.speech_id))
+            if not _sink_worker().submit(job):
+                self.metrics.sink_failure("queue_full")
+                logger.warning("lk_observe sink queue full: dropped turn %d", turn.index)
+
+    def _livekit_span(self, speech_id: str | None) -> SpanContext | None:
+        """LiveKit's own `agent_turn` span for this reply, when its telemetry is on."""
+        handle = self._speech_handles.get(speech_id) if speech_id else None
+        ctx = getattr(handle, "_agent_turn_context", None)
+        if ctx is None:
+            return None
+        try:
+            span_context = trace.get_current_span(ctx).get_span_context()
+        except Exception:
+            return None
+        return span_context if span_context.is_valid else None
+
+    def _run_sinks(self, turn: Turn, link: SpanContext | None) -> None:
+        """Runs on the sink thread. The tracer goes first so the others see the trace id."""
+        try:
+            turn = self._tracer.record(turn, link)
+        except Exception:
+            self._sink_failed("tracing")
+        for name, sink in self._sinks:
+            try:
+                turn = sink(turn) or turn
+            except Exception:
+                self._sink_failed(name)
+        if self._on_turn is not None:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._call_on_turn, turn)
+                    return
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+            self._call_on_turn(turn)
+
+    def _sink_failed(self, name: str) -> None:
+        logger.warning("lk_observe sink %r failed", name, exc_info=True)
+        try:
+            self.metrics.sink_failure(name)
+        except Exception:
+            logger.exception("lk_observe could not count a sink failure")
+
+    def _call_on_turn(self, turn: Turn) -> None:
+        assert self._on_turn is not None
+        try:
+            self._on_turn(turn)
+        except Exception:  # the user's hook must never break the agent
+            self._sink_failed("on_turn")
+
+    def _metrics_sink(self, turn: Turn) -> None:
+        self.metrics.observe_turn(turn)
+
+    def _monitor_sink(self, turn: Turn) -> None:
+        self.monitor.record_turn(turn)
+
+
+def instrument(
+    session: Any,
+    *,
+    agent_name: str = "default",
+    tracer_provider: TracerProvider | None = None,
+    registry: CollectorRegistry | None = None,
+    monitor: LatencyMonitor | None = None,
+    slos: Iterable[SLO] | None = None,
+    on_turn: TurnHook | None = None,
+) -> InstrumentHandle:
+    """Observe `session` (a livekit.agents.AgentSession, before or after start()).
+
+    Instrumenting the same session twice returns the first handle unchanged.
+    """
+    existing = getattr(session, _MARKER, None)
+    if isinstance(existing, InstrumentHandle) and existing.active:
+        return existing
+    if not callable(getattr(session, "emit", None)):
+        raise TypeError(f"instrument() needs a livekit AgentSession, got {type(session).__name__}")
+    if not isinstance(agent_name, str) or not agent_name.strip():
+        raise ValueError("agent_name must be a non-empty string")
+    if on_turn is not None and not callable(on_turn):
+        raise TypeError("on_turn must be callable")
+    slo_specs = tuple(DEFAULT_SLOS if slos is None else slos)
+    for spec in slo_specs:
+        if not isinstance(spec, SLO):
+            raise TypeError(f"slos must contain lk_observe.SLO objects, got {type(spec).__name__}")
+    handle = InstrumentHandle(
+        session,
+        agent_name=agent_name,
+        tracer=TurnTracer(tracer_provider),
+        metrics=LatencyMetrics.for_registry(registry),
+        monitor=monitor if monitor is not None else default_monitor(),
+        slos=slo_specs,
+        on_turn=on_turn,
+    )
+    handle._attach(session)
+    return handle
+
+
+def uninstrument(session: Any) -> None:
+    """Undo `instrument(session)`; a no-op for a session that is not instrumented."""
+    handle = getattr(session, _MARKER, None)
+    if isinstance(handle, InstrumentHandle):
+        handle.uninstrument()

@@ -190,11 +190,13 @@ def create_app(
         return _json({"status": "ok"})
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
+    async def ready(report: bool = False) -> JSONResponse:
+        """503 until every check passes; ?report=1 gives the same body with 200 (for the live
+        page, which shows readiness rather than probes it: a 503 is a browser console error)."""
         results = await run_readiness_checks(app.state.readiness_checks, check_timeout_s)
         failing = sorted(name for name, status in results.items() if status != "ok")
         body = {"ready": not failing, "checks": results, "failing": failing}
-        return _json(body, status_code=503 if failing else 200)
+        return _json(body, status_code=503 if failing and not report else 200)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -163,6 +163,9 @@ def test_ready_is_503_listing_failing_raising_and_hanging_checks(
         "x": "timeout",
     }
     assert body["failing"] == ["llm", "stt", "tts", "x"]
+    report = httpx.get(f"{server.url}/ready", params={"report": "1"}, timeout=5.0)
+    assert report.status_code == 200
+    assert report.json()["failing"] == ["llm", "stt", "tts", "x"]
     assert 0.3 <= elapsed < 1.5  # concurrent: one timeout, not one per check
     assert "SECRET_KEY" not in response.text
 

@@ -30,8 +30,7 @@ function byComponentOrder(a, b) {
 
 async function getJSON(path) {
   const response = await fetch(path, { cache: "no-store", headers: { Accept: "application/json" } });
-  // /ready answers 503 with a JSON body while not ready: that is data, not a failure
-  if (!response.ok && response.status !== 503) throw new Error(path + " " + response.status);
+  if (!response.ok) throw new Error(path + " " + response.status);
   return response.json();
 }
 
@@ -61,7 +60,7 @@ function renderLatency(stats) {
       }
       row.append(cell);
     }
-    row.append(el("td", "num budget", budget === undefined ? "–" : String(budget)));
+    row.append(el("td", "num budget-ms", budget === undefined ? "–" : String(budget)));
     body.append(row);
   }
 }
@@ -146,8 +145,12 @@ function renderSlos(statuses) {
     card.dataset.slo = s.name;
     const head = el("div", "slo-head");
     head.append(el("span", "slo-name", s.name));
+    // "breaching" is the evaluator's verdict (burn rate past its alert factor, enough traffic);
+    // a window that merely overspent is worth a warning, not a page
     const badge = s.turns === 0 ? ["pill pill-unknown", "no traffic"]
-      : s.breaching ? ["pill pill-bad", "breaching"] : ["pill pill-ok", "ok"];
+      : s.breaching ? ["pill pill-bad", "breaching"]
+      : s.error_budget_remaining !== null && s.error_budget_remaining <= 0 ? ["pill pill-warn", "over budget"]
+      : ["pill pill-ok", "ok"];
     head.append(el("span", badge[0], badge[1]));
     card.append(head);
     card.append(el("div", "slo-facts",
@@ -175,7 +178,7 @@ async function refresh() {
   const updated = document.getElementById("updated");
   try {
     const [stats, turns, slos, ready] = await Promise.all([
-      getJSON("/metrics/latency"), getJSON("/turns/recent"), getJSON("/slo"), getJSON("/ready"),
+      getJSON("/metrics/latency"), getJSON("/turns/recent"), getJSON("/slo"), getJSON("/ready?report=1"),
     ]);
     renderLatency(stats);
     renderTiers(turns);

@@ -1,0 +1,293 @@
+"""`lk-observe demo | generate | serve`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from lk_observe.slo import DEFAULT_SLOS, SLO
+
+COMPONENT_ORDER = ("e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb")
+
+
+# -- generate ----------------------------------------------------------------------------------
+
+
+def generated_files(slos: Sequence[SLO]) -> dict[str, str]:
+    """Every generated artifact, by path relative to the project root."""
+    from lk_observe.dashboards import render_dashboards
+    from lk_observe.rules import render_alerting_files
+
+    files = {f"dashboards/{name}": text for name, text in render_dashboards(slos).items()}
+    files.update({f"alerting/{name}": text for name, text in render_alerting_files(slos).items()})
+    return files
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lk_observe.rules import load_slos
+
+    slos = load_slos(args.slo) if args.slo else DEFAULT_SLOS
+    out = Path(args.out)
+    drifted: list[str] = []
+    for relative, text in sorted(generated_files(slos).items()):
+        path = out / relative
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current == text:
+            continue
+        if args.check:
+            drifted.append(relative)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    if drifted:
+        print("generated files differ from the code; run `lk-observe generate`:", file=sys.stderr)
+        for relative in drifted:
+            print(f"  {relative}", file=sys.stderr)
+        return 1
+    if args.check:
+        print("dashboards/ and alerting/ match the generator")
+    return 0
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lk_observe.server import create_app
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        print(
+            "note: PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows only this process",
+            file=sys.stderr,
+        )
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+def demo_script(turns: int, seed: int) -> list[object]:
+    """Scripted turns with realistic jitter, a slow turn, a tool call and a barge-in."""
+    from lk_observe.simulation import ScriptedTurn
+
+    rng = random.Random(seed)
+
+    def jitter(low: float, high: float) -> float:
+        return round(rng.uniform(low, high), 3)
+
+    script: list[object] = []
+    for i in range(turns):
+        turn = ScriptedTurn(
+            speech_s=jitter(0.6, 1.4),
+            vad_s=jitter(0.15, 0.2),
+            stt_s=jitter(0.15, 0.2),
+            llm_ttft_s=jitter(0.2, 0.3),
+            llm_total_s=0.6,
+            tts_ttfb_s=jitter(0.04, 0.08),
+            reply_audio_s=jitter(0.6, 1.2),
+        )
+        if i % 7 == 4:  # an occasional slow turn: the LLM provider has a bad moment
+            turn = ScriptedTurn(**{**turn.__dict__, "llm_ttft_s": jitter(0.7, 1.1)})
+        if i % 9 == 2:
+            turn = ScriptedTurn(**{**turn.__dict__, "tool_s": jitter(0.2, 0.4)})
+        if i % 11 == 6:  # the caller talks over a reply that is taking too long
+            turn = ScriptedTurn(**{**turn.__dict__, "llm_ttft_s": 1.2, "barge_in_after_s": 0.9})
+        script.append(turn)
+    return script
+
+
+def _span_tree(spans: Sequence[object], trace_id: int | None) -> list[str]:
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    mine = [s for s in spans if isinstance(s, ReadableSpan) and s.context.trace_id == trace_id]
+    roots = [s for s in mine if s.parent is None]
+    lines: list[str] = []
+    for root in roots:
+        assert root.start_time is not None
+        origin = root.start_time
+
+        def line(span: ReadableSpan, depth: int) -> str:
+            assert span.start_time is not None and span.end_time is not None
+            offset = (span.start_time - origin) / 1e6
+            length = (span.end_time - span.start_time) / 1e6
+            return f"{'  ' * depth}{span.name:<{14 - 2 * depth}} +{offset:7.1f} ms  {length:7.1f} ms"
+
+        lines.append(line(root, 1))
+        children = [s for s in mine if s.parent and s.parent.span_id == root.context.span_id]
+        for child in sorted(children, key=lambda s: s.start_time or 0):
+            lines.append(line(child, 2))
+    return lines
+
+
+def _configure_tracing() -> tuple[object, object]:
+    """A tracer provider for the demo: OTLP when the standard OTel variables say so."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "lk-observe-demo")})
+    provider = TracerProvider(resource=resource)
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))  # for the span trees printed here
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+                OTLPSpanExporter,
+            )
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        print(f"exporting spans over OTLP ({protocol})")
+    return provider, memory
+
+
+def _format_turn(turn: object) -> str:
+    from lk_observe.turns import Turn
+
+    assert isinstance(turn, Turn)
+    parts = [f"{c}={turn.latency_ms[c]:6.1f}" for c in COMPONENT_ORDER if c in turn.latency_ms]
+    label = "greeting" if turn.kind == "agent" else (turn.tier or "interrupted")
+    flags = " tool" if turn.tool_calls else ""
+    flags += " interrupted" if turn.interrupted else ""
+    return f"turn {turn.index:3d} [{label:>11}]{flags}  " + "  ".join(parts)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(_demo(args))
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    import lk_observe
+    from lk_observe.server import RecentTurns, serve
+    from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
+
+    provider, memory = _configure_tracing()
+    monitor = lk_observe.LatencyMonitor()
+    recent = RecentTurns()
+    server = None
+    if args.port is not None:
+        try:
+            server = serve(host=args.host, port=args.port, monitor=monitor, recent=recent)
+            print(f"ops app: http://{args.host}:{server.port}/  (metrics at /metrics)")
+        except OSError as exc:
+            print(f"cannot serve the ops app on port {args.port}: {exc}", file=sys.stderr)
+            return 2
+
+    printed = threading.Event()
+
+    def on_turn(turn: lk_observe.Turn) -> None:
+        recent.add(turn)
+        print(_format_turn(turn))
+        if args.spans:
+            for line in _span_tree(memory.get_finished_spans(), turn.trace_id):  # type: ignore[attr-defined]
+                print(line)
+        printed.set()
+
+    turns = args.turns
+    script = [t for t in demo_script(turns, args.seed) if isinstance(t, ScriptedTurn)]
+    pipeline = build_pipeline(script, greeting=ScriptedTurn(reply_audio_s=0.8))
+    lk_observe.instrument(
+        pipeline.session,
+        agent_name="demo",
+        tracer_provider=provider,  # type: ignore[arg-type]
+        monitor=monitor,
+        on_turn=on_turn,
+    )
+    print(f"running a scripted voice session: {turns} user turns, no LiveKit server needed")
+    task = asyncio.ensure_future(run_pipeline(pipeline))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiters = [task, asyncio.ensure_future(stop.wait())]
+    if args.duration:
+        waiters.append(asyncio.ensure_future(asyncio.sleep(args.duration)))
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        await pipeline.session.aclose()
+        task.cancel()
+    await asyncio.to_thread(lk_observe.flush, 10.0)
+    await asyncio.sleep(0.05)
+    print("\nsummary over the session (ms):")
+    print(f"  {'component':<10} {'count':>5} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}")
+    stats = monitor.get_all_stats(agent="demo")
+    for component in COMPONENT_ORDER:
+        s = stats.get(component)
+        if s and s["count"]:
+            print(
+                f"  {component:<10} {s['count']:>5} {s['median']:>7.1f} {s['p95']:>7.1f} "
+                f"{s['p99']:>7.1f} {s['max']:>7.1f}"
+            )
+    for slo in DEFAULT_SLOS:
+        good, total = monitor.count_at_or_below(slo.component, slo.threshold_ms, agent="demo")
+        if total:
+            print(f"  SLO {slo.name}: {good}/{total} turns under {slo.threshold_ms:.0f} ms")
+    if server is not None:
+        if args.keep_serving:
+            print("serving until Ctrl-C")
+            await stop.wait()
+        server.stop()
+    shutdown = getattr(provider, "shutdown", None)
+    if callable(shutdown):
+        await asyncio.to_thread(shutdown)
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lk-observe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a scripted voice session, instrumented")
+    demo.add_argument("--turns", type=int, default=8, help="user turns to play (default 8)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8080, help="ops app port; 0 = any, -1 = none")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--no-spans", dest="spans", action="store_false", help="omit span trees")
+    demo.add_argument("--keep-serving", action="store_true", help="keep the ops app up after")
+    demo.set_defaults(func=cmd_demo)
+
+    generate = sub.add_parser("generate", help="write dashboards/ and alerting/")
+    generate.add_argument("--out", default=".", help="project root to write into")
+    generate.add_argument("--slo", default=None, help="SLO file (YAML or TOML)")
+    generate.add_argument("--check", action="store_true", help="fail if files differ")
+    generate.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the ops app standalone")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "turns", 1) is not None and getattr(args, "turns", 1) < 1:
+        print("--turns must be at least 1", file=sys.stderr)
+        return 2
+    if getattr(args, "port", 0) == -1:
+        args.port = None
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -89,7 +89,8 @@ class _LabelGuard:
 class _AgentSeries:
     """One agent's pre-bound children: the hot path is a dict lookup and .observe()."""
 
-    latency: Mapping[str, Histogram]
+    agent: str
+    latency: dict[str, Histogram]  # filled on first use: unmeasured stages export no series
     turns: Mapping[str, Counter]
     active: Gauge
     sessions: Counter
@@ -167,6 +168,8 @@ class LatencyMetrics:
         self._series: dict[str, _AgentSeries] = {}  # by admitted agent value
         self._series_by_raw: dict[str, _AgentSeries] = {}  # by raw agent, admitted ones only
         self._active_count: dict[str, int] = {}
+        # file-backed values drop exemplars; skip building and validating them for nothing
+        self._exemplars = not getattr(_values.ValueClass, "_multiprocess", False)
         self._lock = threading.Lock()
         self.skipped_observations = 0  # NaN / negative latencies: counted, never exported wrong
 
@@ -191,11 +194,14 @@ class LatencyMetrics:
     def observe_turn(self, turn: Turn) -> None:
         """Latency per measured component (seconds) and, for user turns, the tier count."""
         series = self._series_by_raw.get(turn.agent) or self._series_for(turn.agent)
-        exemplar = None if turn.trace_id is None else {"trace_id": f"{turn.trace_id:032x}"}
+        exemplar = (
+            {"trace_id": f"{turn.trace_id:032x}"}
+            if turn.trace_id is not None and self._exemplars
+            else None
+        )
         for component, ms in turn.latency_ms.items():
-            child = series.latency.get(component)
+            child = series.latency.get(component) or self._bind_latency(series, component)
             if child is None:
-                self._unknown_component.inc()
                 continue
             if not (ms >= 0.0 and math.isfinite(ms)):
                 self.skipped_observations += 1
@@ -247,13 +253,25 @@ class LatencyMetrics:
 
     # -- binding -----------------------------------------------------------------------------
 
+    def _bind_latency(self, series: _AgentSeries, component: str) -> Histogram | None:
+        if component not in COMPONENTS:
+            self._unknown_component.inc()
+            return None
+        with self._lock:
+            child = series.latency.get(component)
+            if child is None:
+                child = self.latency.labels(component=component, agent=series.agent)
+                series.latency[component] = child
+        return child
+
     def _series_for(self, raw_agent: str) -> _AgentSeries:
         agent = self._agents.resolve(raw_agent)
         with self._lock:
             series = self._series.get(agent)
             if series is None:
                 series = _AgentSeries(
-                    latency={c: self.latency.labels(component=c, agent=agent) for c in COMPONENTS},
+                    agent=agent,
+                    latency={},
                     turns={t: self.turns.labels(agent=agent, tier=t) for t in TIERS},
                     active=self.active_sessions.labels(agent=agent),
                     sessions=self.sessions.labels(agent=agent),

@@ -238,3 +238,20 @@ def test_exemplar_carries_the_trace_id_in_openmetrics(registry: CollectorRegistr
     assert (
         b'voice_agent_latency_seconds_bucket{agent="default",component="e2e",le="0.5"} 1.0' in plain
     )
+
+
+def test_unmeasured_components_export_no_series(registry: CollectorRegistry) -> None:
+    metrics = LatencyMetrics.for_registry(registry)
+    metrics.observe_turn(make_turn(0, {"e2e": 500.0, "llm_ttft": 200.0}))  # a realtime model
+    components = {
+        s.labels["component"]
+        for family in registry.collect()
+        if family.name == "voice_agent_latency_seconds"
+        for s in family.samples
+    }
+    assert components == {"e2e", "llm_ttft"}
+    # tiers are bound up front so rate() sees every tier from the first scrape
+    assert (
+        registry.get_sample_value("voice_agent_turns_total", {"agent": "default", "tier": "slow"})
+        == 0.0
+    )

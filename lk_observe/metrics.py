@@ -217,7 +217,7 @@ class LatencyMetrics:
 
     def session_started(self, agent: str) -> None:
         series = self._series_by_raw.get(agent) or self._series_for(agent)
-        key = self._agents.resolve(agent)
+        key = series.agent  # resolved once: an overflowing name is counted once per call
         with self._lock:
             self._active_count[key] = self._active_count.get(key, 0) + 1
         series.active.inc()
@@ -226,7 +226,7 @@ class LatencyMetrics:
     def session_ended(self, agent: str) -> None:
         """Decrement the active gauge; an unmatched end is ignored rather than going below 0."""
         series = self._series_by_raw.get(agent) or self._series_for(agent)
-        key = self._agents.resolve(agent)
+        key = series.agent
         with self._lock:
             live = self._active_count.get(key, 0)
             if live <= 0:

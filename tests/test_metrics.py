@@ -255,3 +255,13 @@ def test_unmeasured_components_export_no_series(registry: CollectorRegistry) -> 
         registry.get_sample_value("voice_agent_turns_total", {"agent": "default", "tier": "slow"})
         == 0.0
     )
+
+
+def test_overflowing_agents_share_the_other_sessions(registry: CollectorRegistry) -> None:
+    metrics = LatencyMetrics.for_registry(registry)
+    for i in range(22):
+        metrics.session_started(f"agent-{i}")
+    metrics.session_ended("agent-21")  # folded into "other" like its start
+    assert registry.get_sample_value("voice_agent_active_sessions", {"agent": "other"}) == 1
+    assert registry.get_sample_value("voice_agent_sessions_total", {"agent": "other"}) == 2
+    assert registry.get_sample_value("voice_agent_label_overflow_total", {"label": "agent"}) == 3

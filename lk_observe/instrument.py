@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor, default_monitor
-from lk_observe.slo import DEFAULT_SLOS, SLO
+from lk_observe.slo import DEFAULT_SLOS, SLO, SLOEvaluator
 from lk_observe.tracing import TurnTracer
 from lk_observe.turns import Turn, TurnAssembler
 
@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 _MARKER = "_lk_observe_handle"
 _SINK_QUEUE_SIZE = 10_000
 _MAX_TRACKED_HANDLES = 64
+_SLO_CHECK_INTERVAL_S = 1.0
 
 TurnHook = Callable[[Turn], None]
 Sink = Callable[[Turn], "Turn | None"]
@@ -103,6 +104,38 @@ def _sink_worker() -> _SinkWorker:
         return _worker
 
 
+# One evaluator per (monitor, agent, SLO set): many sessions of one agent share one breach state.
+_evaluators: weakref.WeakKeyDictionary[LatencyMonitor, dict[tuple[str, tuple[SLO, ...]], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_evaluators_lock = threading.Lock()
+
+
+def _slo_evaluator(monitor: LatencyMonitor, agent: str, slos: tuple[SLO, ...]) -> _ThrottledSLOs:
+    with _evaluators_lock:
+        per_monitor = _evaluators.setdefault(monitor, {})
+        key = (agent, slos)
+        if key not in per_monitor:
+            per_monitor[key] = _ThrottledSLOs(SLOEvaluator(slos, monitor, agent=agent))
+        evaluator: _ThrottledSLOs = per_monitor[key]
+        return evaluator
+
+
+class _ThrottledSLOs:
+    """Evaluates the SLOs from the monitor at most once a second (logs a breach once)."""
+
+    def __init__(self, evaluator: SLOEvaluator) -> None:
+        self._evaluator = evaluator
+        self._next = 0.0
+
+    def maybe_check(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + _SLO_CHECK_INTERVAL_S
+        self._evaluator.check()
+
+
 def flush(timeout: float = 5.0) -> bool:
     """Block until every finished turn has gone through the sinks (span processors included
     only as far as handing spans over). Call it from a thread, not from the event loop."""
@@ -135,9 +168,11 @@ class InstrumentHandle:
         self._session_ref = weakref.ref(session)
         self._tracer = tracer
         self._on_turn = on_turn
+        self._slo_check = _slo_evaluator(monitor, agent_name, slos)
         self._sinks: list[tuple[str, Sink]] = [
             ("metrics", self._metrics_sink),
             ("monitor", self._monitor_sink),
+            ("slo", self._slo_sink),
             *sinks,
         ]
         self._speech_handles: OrderedDict[str, Any] = OrderedDict()
@@ -388,6 +423,10 @@ class InstrumentHandle:
 
     def _monitor_sink(self, turn: Turn) -> None:
         self.monitor.record_turn(turn)
+
+    def _slo_sink(self, turn: Turn) -> None:
+        if self.slos:
+            self._slo_check.maybe_check()
 
 
 def instrument(

@@ -91,7 +91,7 @@ def test_uninstrumented_session_is_no_longer_observed() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="instrument.py:167-168 uninstrument `del session.emit` drops an emit the session "
+    reason="instrument.py:202-203 uninstrument `del session.emit` drops an emit the session "
     "already had on the instance (another tool's wrapper) instead of restoring it",
 )
 def test_uninstrument_restores_a_pre_existing_instance_emit() -> None:
@@ -157,7 +157,7 @@ def _restore_class_attributes(cls: type, *names: str) -> Iterator[None]:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="instrument.py:410 only checks `callable(session.emit)`: the AgentSession class "
+    reason="instrument.py:449 only checks `callable(session.emit)`: the AgentSession class "
     "passes, its emit is patched for every session and uninstrument deletes AgentSession.emit",
 )
 def test_the_agent_session_class_itself_is_a_type_error() -> None:
@@ -208,7 +208,7 @@ def test_unknown_event_shape_never_raises_and_is_counted(event: str, payload: ob
 
 @pytest.mark.xfail(
     strict=True,
-    reason="instrument.py:229-233 a conversation item with no `type` (item=42) takes the "
+    reason="instrument.py:263-268 a conversation item with no `type` (item=42) takes the "
     "'not a user message' path silently: nothing counted in handle.skipped",
 )
 def test_conversation_item_of_unknown_shape_is_counted() -> None:

@@ -61,16 +61,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from lk_observe.server import create_app
+    from lk_observe.server import serve
 
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         print(
             "note: PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows only this process",
             file=sys.stderr,
         )
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    try:
+        server = serve(host=args.host, port=args.port)
+    except OSError as exc:
+        print(f"cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    print(f"serving the ops app on {server.url} (Ctrl-C stops)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
     return 0
 
 
@@ -107,26 +115,28 @@ def demo_script(turns: int, seed: int) -> list[object]:
     return script
 
 
+def _span_line(span: object, origin: int, depth: int) -> str:
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    assert isinstance(span, ReadableSpan)
+    assert span.start_time is not None and span.end_time is not None
+    offset = (span.start_time - origin) / 1e6
+    length = (span.end_time - span.start_time) / 1e6
+    return f"{'  ' * depth}{span.name:<{14 - 2 * depth}} +{offset:7.1f} ms  {length:7.1f} ms"
+
+
 def _span_tree(spans: Sequence[object], trace_id: int | None) -> list[str]:
+    """The turn's spans as an indented waterfall, offsets from the root's start."""
     from opentelemetry.sdk.trace import ReadableSpan
 
     mine = [s for s in spans if isinstance(s, ReadableSpan) and s.context.trace_id == trace_id]
-    roots = [s for s in mine if s.parent is None]
     lines: list[str] = []
-    for root in roots:
+    for root in (s for s in mine if s.parent is None):
         assert root.start_time is not None
-        origin = root.start_time
-
-        def line(span: ReadableSpan, depth: int) -> str:
-            assert span.start_time is not None and span.end_time is not None
-            offset = (span.start_time - origin) / 1e6
-            length = (span.end_time - span.start_time) / 1e6
-            return f"{'  ' * depth}{span.name:<{14 - 2 * depth}} +{offset:7.1f} ms  {length:7.1f} ms"
-
-        lines.append(line(root, 1))
+        lines.append(_span_line(root, root.start_time, 1))
         children = [s for s in mine if s.parent and s.parent.span_id == root.context.span_id]
         for child in sorted(children, key=lambda s: s.start_time or 0):
-            lines.append(line(child, 2))
+            lines.append(_span_line(child, root.start_time, 2))
     return lines
 
 
@@ -137,7 +147,9 @@ def _configure_tracing() -> tuple[object, object]:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "lk-observe-demo")})
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", "lk-observe-demo")}
+    )
     provider = TracerProvider(resource=resource)
     memory = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(memory))  # for the span trees printed here
@@ -173,16 +185,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     import lk_observe
-    from lk_observe.server import RecentTurns, serve
+    from lk_observe.server import serve
     from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
 
     provider, memory = _configure_tracing()
     monitor = lk_observe.LatencyMonitor()
-    recent = RecentTurns()
     server = None
     if args.port is not None:
         try:
-            server = serve(host=args.host, port=args.port, monitor=monitor, recent=recent)
+            server = serve(host=args.host, port=args.port, monitor=monitor)
             print(f"ops app: http://{args.host}:{server.port}/  (metrics at /metrics)")
         except OSError as exc:
             print(f"cannot serve the ops app on port {args.port}: {exc}", file=sys.stderr)
@@ -191,7 +202,6 @@ async def _demo(args: argparse.Namespace) -> int:
     printed = threading.Event()
 
     def on_turn(turn: lk_observe.Turn) -> None:
-        recent.add(turn)
         print(_format_turn(turn))
         if args.spans:
             for line in _span_tree(memory.get_finished_spans(), turn.trace_id):  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanContext, TracerProvider
 from prometheus_client import CollectorRegistry
 
 from lk_observe.metrics import LatencyMetrics
-from lk_observe.monitor import LatencyMonitor, default_monitor
+from lk_observe.monitor import LatencyMonitor, default_monitor, default_recent_turns
 from lk_observe.slo import DEFAULT_SLOS, SLO, SLOEvaluator
 from lk_observe.tracing import TurnTracer
 from lk_observe.turns import Turn, TurnAssembler
@@ -173,6 +173,7 @@ class InstrumentHandle:
             ("metrics", self._metrics_sink),
             ("monitor", self._monitor_sink),
             ("slo", self._slo_sink),
+            ("recent", default_recent_turns().add),
             *sinks,
         ]
         self._speech_handles: OrderedDict[str, Any] = OrderedDict()

@@ -13,6 +13,7 @@ import operator
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Mapping
 from itertools import accumulate, pairwise
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from lk_observe.metrics import LATENCY_BUCKETS_S
 if TYPE_CHECKING:
     from lk_observe.turns import Turn
 
-__all__ = ["STAT_KEYS", "LatencyMonitor", "default_monitor"]
+__all__ = ["STAT_KEYS", "LatencyMonitor", "RecentTurns", "default_monitor", "default_recent_turns"]
 
 logger = logging.getLogger(__name__)
 
@@ -391,3 +392,36 @@ def default_monitor() -> LatencyMonitor:
             if _default is None:
                 _default = LatencyMonitor()
     return _default
+
+
+class RecentTurns:
+    """The last `maxlen` turns, for the live page. Thread-safe; `add` is a turn sink."""
+
+    def __init__(self, maxlen: int = 50) -> None:
+        self._turns: deque[Turn] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def add(self, turn: Turn) -> None:
+        with self._lock:
+            self._turns.append(turn)
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def turns(self) -> list[Turn]:
+        """Oldest first."""
+        with self._lock:
+            return list(self._turns)
+
+
+_default_recent: RecentTurns | None = None
+_default_recent_lock = threading.Lock()
+
+
+def default_recent_turns() -> RecentTurns:
+    """The process-wide ring that instrument() feeds and the ops app's live page reads."""
+    global _default_recent
+    with _default_recent_lock:
+        if _default_recent is None:
+            _default_recent = RecentTurns()
+        return _default_recent

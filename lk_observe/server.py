@@ -10,7 +10,6 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
@@ -22,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 
 from lk_observe.metrics import multiproc_dir, render_metrics
-from lk_observe.monitor import LatencyMonitor, default_monitor
+from lk_observe.monitor import LatencyMonitor, RecentTurns, default_monitor, default_recent_turns
 from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
 from lk_observe.turns import Turn
 
@@ -38,27 +37,6 @@ _PAGE_CSP = (
     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 _JSON_HEADERS = {"Cache-Control": "no-store"}
-
-
-class RecentTurns:
-    """The last `maxlen` turns, for the live page. Thread-safe; `add` is a turn sink."""
-
-    def __init__(self, maxlen: int = 50) -> None:
-        self._turns: deque[Turn] = deque(maxlen=maxlen)
-        self._lock = threading.Lock()
-
-    def add(self, turn: Turn) -> None:
-        with self._lock:
-            self._turns.append(turn)
-
-    def __len__(self) -> int:
-        return len(self._turns)
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Oldest first; numbers and ids only (no speech ids, session ids or user text)."""
-        with self._lock:
-            turns = list(self._turns)
-        return [_turn_summary(turn) for turn in turns]
 
 
 def _turn_summary(turn: Turn) -> dict[str, Any]:
@@ -177,7 +155,7 @@ def create_app(
     PROMETHEUS_MULTIPROC_DIR is set, every process's metrics files)."""
     the_monitor = monitor if monitor is not None else default_monitor()
     the_slos = tuple(DEFAULT_SLOS if slos is None else slos)
-    the_recent = recent if recent is not None else RecentTurns()
+    the_recent = recent if recent is not None else default_recent_turns()
     page = {name: _static_text(name) for name in ("index.html", *_STATIC_FILES)}
 
     app = FastAPI(title="lk_observe", docs_url=None, redoc_url=None, openapi_url=None)
@@ -215,7 +193,8 @@ def create_app(
 
     @app.get("/turns/recent")
     async def recent_turns() -> JSONResponse:
-        return _json(the_recent.snapshot())
+        # numbers and ids only: no speech ids, session ids or user text
+        return _json([_turn_summary(turn) for turn in the_recent.turns()])
 
     @app.get("/")
     async def live_page() -> Response:

@@ -142,7 +142,7 @@ def test_fast_agent_never_notifies(run: tuple[Webhook, Traffic, object]) -> None
 
 
 def test_scraped_counts_equal_the_turns_that_happened(run: tuple[Webhook, Traffic, object]) -> None:
-    hook, traffic, prom = run
+    _, traffic, prom = run
     traffic.thread.join(timeout=120)
     time.sleep(2.5)  # two scrape intervals after the last turn
     for agent, turns in traffic.turns.items():

@@ -30,6 +30,7 @@ the kubelet can probe), LK_OBSERVE_PORT (default 8080).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -69,6 +70,7 @@ INSTRUCTIONS = (
 )
 
 Kind = Literal["stt", "llm", "tts"]
+_EXPORT_TIMEOUT_S = 2
 
 # provider -> (plugin module, class) per component; anything else goes through LiveKit Inference
 _PLUGINS: dict[tuple[Kind, str], tuple[str, str]] = {
@@ -84,10 +86,15 @@ _SILERO = "livekit.plugins.silero"
 
 
 async def _flush(provider: TracerProvider | None) -> None:
-    """Export the call's last turns before the process goes; flushing blocks, so off the loop."""
-    await asyncio.to_thread(lk_observe.flush, 5.0)
+    """Export the call's last turns before the process goes: off the loop, and bounded, so a
+    dead collector costs spans, not a stuck shutdown."""
+    await asyncio.to_thread(lk_observe.flush, _EXPORT_TIMEOUT_S)
     if provider is not None:
-        await asyncio.to_thread(provider.force_flush, 5_000)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                asyncio.to_thread(provider.force_flush, int(_EXPORT_TIMEOUT_S * 1000)),
+                _EXPORT_TIMEOUT_S * 2,
+            )
 
 
 def import_installed_plugins() -> list[str]:
@@ -195,9 +202,11 @@ def make_tracer_provider() -> TracerProvider | None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
-    # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
-    provider = TracerProvider(resource=Resource.create())
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES. No exit hook: the
+    # SDK's blocks for up to ~30 s on a dead collector; _flush below is bounded instead.
+    provider = TracerProvider(resource=Resource.create(), shutdown_on_exit=False)
+    exporter = OTLPSpanExporter(timeout=_EXPORT_TIMEOUT_S)  # one export never outlasts this
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
 

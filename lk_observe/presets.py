@@ -203,7 +203,9 @@ MODEL_LATENCY: Mapping[str, ModelLatency] = MappingProxyType(
             _model("deepgram/nova-3", "stt", 150, 200, "streaming; the guide's STT pick"),
             _model("deepgram/nova-2", "stt", 200, 300, "streaming"),
             _model("assemblyai/universal-streaming", "stt", 250, 400, "streaming"),
-            _model("openai/gpt-4o-mini-transcribe", "stt", 400, 800, "not streaming partials"),
+            _model(
+                "openai/gpt-4o-mini-transcribe", "stt", 400, 800, "finals slower than streaming"
+            ),
             _model("groq/llama-3.1-8b-instant", "llm", 100, 200, "Groq LPU; fastest TTFT"),
             _model("groq/llama-3.3-70b-versatile", "llm", 200, 400, "Groq LPU"),
             _model("openai/gpt-4.1-nano", "llm", 200, 350),

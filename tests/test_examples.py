@@ -7,10 +7,14 @@ The manifests are parsed and cross-checked: probes, ports, labels, selectors, en
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import importlib.util
 import re
 import shlex
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -21,7 +25,10 @@ import pytest
 import tomllib
 import yaml
 from livekit.agents import inference
+from prometheus_client import CollectorRegistry
 
+import lk_observe
+from lk_observe.monitor import LatencyMonitor
 from lk_observe.presets import SPEED_PROFILES, VAD_PRESETS, speed_profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +235,25 @@ def test_traces_go_to_otlp_when_a_collector_is_named(
         provider.shutdown()
 
 
+async def test_a_dead_collector_cannot_hold_up_the_end_of_a_call(
+    agent: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    provider = agent.make_tracer_provider()
+    try:
+        with provider.get_tracer("test").start_as_current_span("voice.turn"):
+            pass
+        started = time.monotonic()
+        await agent._flush(provider)
+        assert time.monotonic() - started < 3 * agent._EXPORT_TIMEOUT_S
+    finally:
+        await asyncio.to_thread(provider.shutdown)
+
+
 async def test_entrypoint_instruments_the_session_in_two_lines(
     agent: ModuleType, keys: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -247,6 +273,14 @@ async def test_entrypoint_instruments_the_session_in_two_lines(
         return session
 
     monkeypatch.setattr(agent, "build_session", build_and_record)
+    # the real instrument(), kept off the process-wide registry and monitor other tests read
+    isolated = SimpleNamespace(
+        instrument=functools.partial(
+            lk_observe.instrument, registry=CollectorRegistry(), monitor=LatencyMonitor()
+        ),
+        flush=lk_observe.flush,
+    )
+    monkeypatch.setattr(agent, "lk_observe", isolated)
     callbacks: list[Any] = []
     vad = agent.load_vad(VAD_PRESETS["conversation"])
     ctx = SimpleNamespace(
@@ -264,8 +298,6 @@ async def test_entrypoint_instruments_the_session_in_two_lines(
         for callback in callbacks:
             await callback()  # flushes lk_observe off the loop
     finally:
-        import lk_observe
-
         lk_observe.uninstrument(session)
         await session.aclose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +204,26 @@ def test_a_budget_is_immune_to_its_callers_dict() -> None:
     assert budget.components["stt"] == (100.0, 200.0)
     with pytest.raises(ValueError, match="stt"):
         LatencyBudget(components={"stt": (300.0, 200.0)}, total=(0.0, 1.0))
+
+
+def test_the_configuration_doc_shows_the_data_as_it_is() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    for p in VAD_PRESETS.values():
+        low, high = p.turn_detection_ms
+        row = (
+            f"| `{p.name}` | {p.min_speech_duration} s | {p.min_silence_duration} s | "
+            f"{p.prefix_padding_duration} s | {p.activation_threshold} | "
+            f"{p.min_endpointing_delay} / {p.max_endpointing_delay} s | {low:.0f}-{high:.0f} ms |"
+        )
+        assert row in doc, row
+    for m in MODEL_LATENCY.values():
+        low, high = m.typical_ms
+        row = f"| `{m.name}` | `{m.component}` | {low:.0f}-{high:.0f} ms | {m.note} |"
+        assert row in doc, row
+    for s in SPEED_PROFILES.values():
+        low, high = s.expected_latency()["total"]
+        row = (
+            f"| `{s.name}` | `{s.stt}` | `{s.llm}` | `{s.tts}` | `{s.vad_preset}` | "
+            f"{low:.0f}-{high:.0f} ms |"
+        )
+        assert row in doc, row

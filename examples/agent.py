@@ -59,7 +59,7 @@ from lk_observe.presets import (
     speed_profile,
     vad_preset,
 )
-from lk_observe.server import Server, serve
+from lk_observe.server import Server
 
 logger = logging.getLogger("voice-agent")
 
@@ -248,7 +248,7 @@ def start_ops_server(host: str | None = None, port: int | None = None) -> Server
     """The ops app (health, readiness, metrics, SLOs) for the whole worker, on its own thread."""
     global _ops
     if _ops is None:
-        _ops = serve(
+        _ops = lk_observe.serve(
             host=host or os.environ.get("LK_OBSERVE_HOST", "127.0.0.1"),
             port=int(os.environ.get("LK_OBSERVE_PORT", "8080")) if port is None else port,
             checks={"livekit_registered": livekit_registered},

@@ -180,8 +180,9 @@ class InstrumentHandle:
         self._active = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._original_emit = session.emit
-        self._wrapped_emit = self._make_wrapper(self._original_emit)
+        # another wrapper may already sit on the instance: uninstrument must put it back
+        self._instance_emit = session.__dict__.get("emit")
+        self._wrapped_emit = self._make_wrapper(session.emit)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -201,7 +202,10 @@ class InstrumentHandle:
         session = self._session_ref()
         if session is not None:
             if session.__dict__.get("emit") is self._wrapped_emit:
-                del session.emit  # back to AgentSession.emit, exactly as before
+                if self._instance_emit is None:
+                    del session.emit  # back to AgentSession.emit, exactly as before
+                else:
+                    session.emit = self._instance_emit
             if session.__dict__.get(_MARKER) is self:
                 delattr(session, _MARKER)
         self._dispatch(self.assembler.close(time.time()))
@@ -262,7 +266,10 @@ class InstrumentHandle:
             return turns
         if event == "conversation_item_added":
             item = ev.item
-            if getattr(item, "type", None) == "message" and item.role == "user":
+            if getattr(item, "type", None) is None:
+                a.skipped["unreadable_conversation_item_added"] += 1
+                return a.expire(at)
+            if item.type == "message" and item.role == "user":
                 session = self._session_ref()
                 speech = getattr(session, "current_speech", None)
                 return a.user_turn(item.id, item.metrics or {}, getattr(speech, "id", None), at)
@@ -444,11 +451,8 @@ def instrument(
 
     Instrumenting the same session twice returns the first handle unchanged.
     """
-    existing = getattr(session, _MARKER, None)
-    if isinstance(existing, InstrumentHandle) and existing.active:
-        return existing
-    if not callable(getattr(session, "emit", None)):
-        raise TypeError(f"instrument() needs a livekit AgentSession, got {type(session).__name__}")
+    if isinstance(session, type) or not callable(getattr(session, "emit", None)):
+        raise TypeError(f"instrument() needs a livekit AgentSession, got {session!r}")
     if not isinstance(agent_name, str) or not agent_name.strip():
         raise ValueError("agent_name must be a non-empty string")
     if on_turn is not None and not callable(on_turn):
@@ -457,6 +461,9 @@ def instrument(
     for spec in slo_specs:
         if not isinstance(spec, SLO):
             raise TypeError(f"slos must contain lk_observe.SLO objects, got {type(spec).__name__}")
+    existing = getattr(session, _MARKER, None)
+    if isinstance(existing, InstrumentHandle) and existing.active:
+        return existing
     handle = InstrumentHandle(
         session,
         agent_name=agent_name,

@@ -72,7 +72,9 @@ class Turn:
 # Bounds that keep the assembler's memory fixed whatever the event stream does.
 MAX_TRACKED_SPEECHES = 64
 MAX_LATENCY_S = 120.0  # a stage longer than this is a broken clock, not a slow agent
-MAX_CLOCK_SKEW_S = 600.0
+MAX_CLOCK_SKEW_S = 600.0  # an event timestamp further than this from its arrival is broken
+MAX_COUNT = 10_000  # tool calls or tokens beyond this in one reply: a broken counter
+_EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency")
 
 
 def _finite(value: object) -> float | None:
@@ -147,8 +149,8 @@ class TurnAssembler:
     def user_state(self, new_state: str, created_at: float, at: float) -> list[Turn]:
         """user_state_changed: "listening" carries the VAD's back-dated speech end."""
         if new_state == "listening":
-            end = _finite(created_at)
-            if end is not None and 0.0 <= at - end <= MAX_LATENCY_S:
+            end = self._timestamp("vad_speech_end", created_at, at, optional=False)
+            if end is not None and self._duration("vad", at - end) is not None:
                 self._vad = (end, at)
         return self.expire(at)
 
@@ -158,21 +160,21 @@ class TurnAssembler:
         """A user ChatMessage was committed (conversation_item_added, role "user")."""
         if self._closed or not self._first_sighting(item_id):
             return []
-        speech_end = _finite(metrics.get("stopped_speaking_at"))
+        speech_end = self._timestamp("stopped_speaking_at", metrics.get("stopped_speaking_at"), at)
+        if speech_end is not None and speech_end > at + 5.0:
+            self.skipped["stopped_speaking_at_in_future"] += 1
+            speech_end = None
         if speech_end is None and self._vad is not None:
             speech_end = self._vad[0]  # no metrics (e.g. a newer event shape): VAD's estimate
-        spoken = speech_end is not None and -5.0 <= at - speech_end <= MAX_CLOCK_SKEW_S
-        if speech_end is not None and not spoken:
-            self.skipped["user_turn_speech_end_implausible"] += 1
-        if speech_end is None or not spoken:
-            speech_end = at  # typed input, or a clock we cannot trust: no speech-based stages
-            metrics = {}
+        spoken = speech_end is not None
+        if speech_end is None:
+            speech_end = at  # typed input: nothing is measured from a speech end
         stages: dict[str, Stage] = {}
-        if self._vad is not None and speech_end - 0.05 <= self._vad[1] <= at:
+        if spoken and self._vad is not None and speech_end - 0.05 <= self._vad[1] <= at:
             self._add_stage(stages, "vad", speech_end, self._vad[1])
         self._vad = None
         for component, key in (("stt", "transcription_delay"), ("eou", "end_of_turn_delay")):
-            delay = _finite(metrics.get(key))
+            delay = self._duration(key, metrics.get(key)) if spoken else None
             if delay is not None:
                 self._add_stage(stages, component, speech_end, speech_end + delay)
         finished = self._abandon_unanswered(at)
@@ -191,7 +193,7 @@ class TurnAssembler:
         self, speech_id: str | None, started_at: float, early: Mapping[str, Any] | None, at: float
     ) -> list[Turn]:
         """agent_state_changed -> "speaking": the reply's first audio frame reached the output."""
-        start = _finite(started_at)
+        start = self._timestamp("first_audio_at", started_at, at, optional=False)
         if not speech_id or start is None:
             self.skipped["speaking_without_speech"] += 1
             return self.expire(at)
@@ -199,9 +201,11 @@ class TurnAssembler:
         if speech.first_audio_at is not None or speech.emitted:
             return self.expire(at)  # resumed after a pause: the first frame already counted
         speech.first_audio_at = start
-        for key, value in (early or {}).items():
-            if (v := _finite(value)) is not None and v >= 0.0:
-                speech.early[key] = v
+        speech.interrupted = False  # it played: a noise before it was no barge-in after all
+        for key in _EARLY_KEYS:
+            value = self._duration(key, (early or {}).get(key))
+            if value is not None:
+                speech.early[key] = value
         ttfb, playback = speech.early.get("tts_node_ttfb"), speech.early.get("playback_latency")
         if ttfb is not None:
             end = start - (playback or 0.0)
@@ -226,19 +230,28 @@ class TurnAssembler:
     ) -> list[Turn]:
         """One LLM request finished (LLMMetrics); realtime models report ttft -1: not measured."""
         if not speech_id:
+            self.skipped["llm_metrics_without_speech"] += 1
             return self.expire(at)
         end, duration, ttft = _finite(ended_at), _finite(duration_s), _finite(ttft_s)
-        if end is None or duration is None or ttft is None or duration < 0 or ttft < 0:
-            self.skipped["llm_metrics_unusable"] += 1
+        if (
+            end is None
+            or duration is None
+            or ttft is None
+            or abs(at - end) > MAX_CLOCK_SKEW_S
+            or not 0.0 <= ttft <= duration <= MAX_LATENCY_S
+        ):
+            self.skipped["llm_metrics_unusable"] += 1  # one event, one count
             return self.expire(at)
         speech = self._speech(speech_id)
         start = end - duration
         if self._checked_stage("llm_ttft", start, start + ttft) is not None:
             speech.llm_rounds.append((start, start + ttft))
-        speech.llm_model = speech.llm_model or model
-        speech.llm_provider = speech.llm_provider or provider
-        speech.input_tokens += input_tokens if isinstance(input_tokens, int) else 0
-        speech.output_tokens += output_tokens if isinstance(output_tokens, int) else 0
+        speech.llm_model = speech.llm_model or (model if isinstance(model, str) else None)
+        speech.llm_provider = speech.llm_provider or (
+            provider if isinstance(provider, str) else None
+        )
+        speech.input_tokens += self._count("input_tokens", input_tokens) or 0
+        speech.output_tokens += self._count("output_tokens", output_tokens) or 0
         return self._try_finish(speech, at) + self.expire(at)
 
     def tools_executed(
@@ -249,11 +262,13 @@ class TurnAssembler:
         if speech is None:
             self.skipped["tools_without_reply"] += 1
             return self.expire(at)
-        stage = self._checked_stage("tool", started_at, ended_at)
+        start = self._timestamp("tool_started_at", started_at, at, optional=False)
+        end = self._timestamp("tool_ended_at", ended_at, at, optional=False)
+        stage = None if start is None or end is None else self._checked_stage("tool", start, end)
         if stage is not None:
             old = speech.tool
             speech.tool = stage if old is None else Stage(old.start, max(old.end, stage.end))
-        speech.tool_calls += max(0, calls)
+        speech.tool_calls += self._count("tool_calls", calls, optional=False) or 0
         return self.expire(at)
 
     def speech_done(self, speech_id: str, interrupted: bool, at: float) -> list[Turn]:
@@ -329,6 +344,36 @@ class TurnAssembler:
                 if old.turn is not None and not old.emitted:
                     self.skipped["evicted_unfinished_reply"] += 1
         return speech
+
+    def _timestamp(
+        self, field_name: str, raw: object, at: float, *, optional: bool = True
+    ) -> float | None:
+        """A unix time near the event's arrival, or None (counted unless absent and optional)."""
+        if raw is None and optional:
+            return None
+        value = _finite(raw)
+        if value is None or abs(at - value) > MAX_CLOCK_SKEW_S:
+            self.skipped[f"{field_name}_unusable"] += 1
+            return None
+        return value
+
+    def _duration(self, field_name: str, raw: object, *, optional: bool = True) -> float | None:
+        """A delay in seconds within [0, MAX_LATENCY_S], or None (counted unless absent)."""
+        if raw is None and optional:
+            return None
+        value = _finite(raw)
+        if value is None or not 0.0 <= value <= MAX_LATENCY_S:
+            self.skipped[f"{field_name}_unusable"] += 1
+            return None
+        return value
+
+    def _count(self, field_name: str, raw: object, *, optional: bool = True) -> int | None:
+        if raw is None and optional:
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_COUNT:
+            self.skipped[f"{field_name}_unusable"] += 1
+            return None
+        return raw
 
     def _checked_stage(self, component: str, start: float, end: float) -> Stage | None:
         s, e = _finite(start), _finite(end)

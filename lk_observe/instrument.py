@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import queue
@@ -26,8 +27,10 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, TracerProvider
 from prometheus_client import CollectorRegistry
 
+from lk_observe.logs import default_turn_logger
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor, default_monitor, default_recent_turns
+from lk_observe.presets import budget_overruns
 from lk_observe.slo import DEFAULT_SLOS, SLO, SLOEvaluator
 from lk_observe.tracing import TurnTracer
 from lk_observe.turns import Turn, TurnAssembler
@@ -174,6 +177,7 @@ class InstrumentHandle:
             ("monitor", self._monitor_sink),
             ("slo", self._slo_sink),
             ("recent", default_recent_turns().add),
+            ("logs", default_turn_logger()),
             *sinks,
         ]
         self._speech_handles: OrderedDict[str, Any] = OrderedDict()
@@ -190,6 +194,7 @@ class InstrumentHandle:
         session.emit = self._wrapped_emit  # instance attribute shadows AgentSession.emit
         setattr(session, _MARKER, self)
         self.metrics.session_started(self.agent_name)
+        self.metrics.export_components(self.agent_name, {slo.component for slo in self.slos})
 
     def uninstrument(self) -> None:
         """Stop observing: restore the session's emit and finish what was pending."""
@@ -393,6 +398,10 @@ class InstrumentHandle:
 
     def _run_sinks(self, turn: Turn, link: SpanContext | None) -> None:
         """Runs on the sink thread. The tracer goes first so the others see the trace id."""
+        try:
+            turn = dataclasses.replace(turn, budget_overruns_ms=budget_overruns(turn))
+        except Exception:
+            self._sink_failed("budget")
         try:
             turn = self._tracer.record(turn, link)
         except Exception:

@@ -8,6 +8,7 @@ stdlib records).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, MutableMapping
 from typing import Any
@@ -233,3 +234,32 @@ class TurnLogger:
         self._logger.info(
             TURN_EVENT, **turn_fields(turn, include_text=self.include_text, budget=self.budget)
         )
+
+
+_default_logger: TurnLogger | None = None
+
+
+def default_turn_logger() -> TurnLogger:
+    """The turn sink instrument() installs. With structlog configured by the app, events go
+    through that configuration; otherwise they go to the stdlib logger "lk_observe.turns" as
+    JSON, so the app's logging levels and handlers decide (nothing is printed by default)."""
+    global _default_logger
+    if _default_logger is None:
+        if structlog.is_configured():
+            _default_logger = TurnLogger()
+        else:
+            stdlib = logging.getLogger("lk_observe.turns")
+            _default_logger = TurnLogger(
+                structlog.wrap_logger(
+                    stdlib,
+                    processors=[
+                        structlog.stdlib.filter_by_level,
+                        structlog.processors.add_log_level,
+                        structlog.processors.TimeStamper(fmt="iso", utc=True),
+                        redact_pii,
+                        structlog.processors.JSONRenderer(),
+                    ],
+                    wrapper_class=structlog.stdlib.BoundLogger,
+                )
+            )
+    return _default_logger

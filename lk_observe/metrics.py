@@ -10,7 +10,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -212,6 +212,18 @@ class LatencyMetrics:
             counter = series.turns.get(turn.tier)
             if counter is not None:
                 counter.inc(1, exemplar)
+        for component in turn.budget_overruns_ms:
+            if component in COMPONENTS:
+                self.budget_overruns.labels(agent=series.agent, component=component).inc()
+
+    def export_components(self, agent: str, components: Iterable[str]) -> None:
+        """Export these latency series at zero now: Prometheus cannot see the increase of a
+        series whose first sample already counts a turn, so the first slow turns would vanish
+        from rate()-based SLO alerts."""
+        series = self._series_by_raw.get(agent) or self._series_for(agent)
+        for component in components:
+            if component not in series.latency:
+                self._bind_latency(series, component)
 
     # -- sessions ----------------------------------------------------------------------------
 

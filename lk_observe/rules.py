@@ -380,7 +380,7 @@ def pod_monitor_manifest() -> dict[str, Any]:
             "selector": {"matchLabels": {"app.kubernetes.io/name": "voice-agent"}},
             "podMetricsEndpoints": [
                 # Named container port of the agent Deployment (examples/deploy): 8080, the ops app.
-                {"port": "http", "path": "/metrics", "interval": "15s"}
+                {"port": "ops", "path": "/metrics", "interval": "15s"}
             ],
         },
     }

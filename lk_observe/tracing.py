@@ -44,6 +44,8 @@ def root_attributes(turn: Turn) -> dict[str, AttributeValue]:
         attributes["voice.turn.tier"] = turn.tier
     for component, value in turn.latency_ms.items():
         attributes[f"voice.latency.{component}_ms"] = round(value, 3)
+    for component, over in turn.budget_overruns_ms.items():
+        attributes[f"voice.budget.overrun.{component}_ms"] = round(over, 3)
     if turn.tool_calls:
         attributes["voice.tool.calls"] = turn.tool_calls
     if turn.llm_rounds:

@@ -65,6 +65,7 @@ class Turn:
     llm_provider: str | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    budget_overruns_ms: Mapping[str, float] = field(default_factory=dict)  # vs the guide's budget
     trace_id: int | None = None  # set by the tracing sink before the other sinks run
     span_id: int | None = None
 

@@ -1,0 +1,107 @@
+"""The default sinks instrument() installs, seen from a real scripted session: the per-turn log
+event (trace ids, no user text), budget overruns (counter, span attribute), zero-exported series."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+import lk_observe
+from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
+
+SLOW_LLM = ScriptedTurn(llm_ttft_s=0.55)  # 550 ms TTFT: over the guide's 300 ms LLM budget
+
+
+@pytest.fixture(scope="module")
+def played() -> tuple[list[lk_observe.Turn], CollectorRegistry, InMemorySpanExporter, list[str]]:
+    registry = CollectorRegistry()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    turns_logger = logging.getLogger("lk_observe.turns")
+    handler = Collect(level=logging.INFO)
+    turns_logger.addHandler(handler)
+    turns_logger.setLevel(logging.INFO)
+    turns: list[lk_observe.Turn] = []
+    zero_before_first_turn: list[float | None] = []
+
+    async def play() -> None:
+        pipeline = build_pipeline([ScriptedTurn(), SLOW_LLM])
+        lk_observe.instrument(
+            pipeline.session,
+            agent_name="sinks",
+            tracer_provider=provider,
+            registry=registry,
+            monitor=lk_observe.LatencyMonitor(),
+            on_turn=turns.append,
+        )
+        zero_before_first_turn.append(
+            registry.get_sample_value(
+                "voice_agent_latency_seconds_count", {"component": "e2e", "agent": "sinks"}
+            )
+        )
+        await run_pipeline(pipeline)
+        assert await asyncio.to_thread(lk_observe.flush, 10.0)
+        await asyncio.sleep(0.05)
+
+    try:
+        asyncio.run(play())
+    finally:
+        turns_logger.removeHandler(handler)
+    assert zero_before_first_turn == [0.0]  # exported before any turn, so rate() sees turn 1
+    return turns, registry, exporter, records
+
+
+def test_one_json_log_event_per_turn_with_trace_ids_and_no_user_text(played) -> None:  # type: ignore[no-untyped-def]
+    turns, _, _, records = played
+    events = [json.loads(r) for r in records]
+    assert [e["event"] for e in events] == ["voice.turn"] * len(turns)
+    for event, turn in zip(events, turns, strict=True):
+        assert event["trace_id"] == f"{turn.trace_id:032x}"
+        assert event["span_id"] == f"{turn.span_id:016x}"
+        assert event["e2e_ms"] == pytest.approx(turn.latency_ms["e2e"], abs=0.06)
+        assert event["level"] == "info"
+    text = "\n".join(records)
+    assert "user utterance" not in text and "here is the answer" not in text
+
+
+def test_budget_overrun_is_counted_and_on_the_span(played) -> None:  # type: ignore[no-untyped-def]
+    turns, registry, exporter, _ = played
+    slow = turns[1]
+    assert slow.budget_overruns_ms["llm_ttft"] == pytest.approx(
+        slow.latency_ms["llm_ttft"] - 300.0, abs=0.01
+    )
+    assert "llm_ttft" not in turns[0].budget_overruns_ms
+    assert (
+        registry.get_sample_value(
+            "voice_agent_budget_overruns_total", {"agent": "sinks", "component": "llm_ttft"}
+        )
+        == 1.0
+    )
+    root = next(
+        s
+        for s in exporter.get_finished_spans()
+        if s.name == "voice.turn" and s.context.trace_id == slow.trace_id
+    )
+    assert (root.attributes or {})["voice.budget.overrun.llm_ttft_ms"] == pytest.approx(
+        slow.budget_overruns_ms["llm_ttft"], abs=0.01
+    )
+
+
+def test_recent_turns_ring_sees_every_turn(played) -> None:  # type: ignore[no-untyped-def]
+    turns, _, _, _ = played
+    recent = {(t.session_id, t.index) for t in lk_observe.default_recent_turns().turns()}
+    assert {(t.session_id, t.index) for t in turns} <= recent

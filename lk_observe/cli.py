@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -11,8 +12,13 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lk_observe.slo import DEFAULT_SLOS, SLO
+
+if TYPE_CHECKING:
+    from lk_observe.monitor import LatencyMonitor
+    from lk_observe.simulation import ScriptedTurn
 
 COMPONENT_ORDER = ("e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb")
 
@@ -85,34 +91,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- demo --------------------------------------------------------------------------------------
 
 
-def demo_script(turns: int, seed: int) -> list[object]:
-    """Scripted turns with realistic jitter, a slow turn, a tool call and a barge-in."""
+def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[ScriptedTurn]:
+    """Scripted turns whose delays come from the guide: the VAD preset's silence window and the
+    speed profile's models' typical latency, with jitter, an occasional slow LLM turn, a tool
+    call and a caller who talks over a reply that takes too long."""
+    from lk_observe.presets import model_latency, speed_profile, vad_preset
     from lk_observe.simulation import ScriptedTurn
 
+    vad = vad_preset(preset)
+    profile = speed_profile(speed)
+    stt, llm, tts = (
+        model_latency(name).typical_ms for name in (profile.stt, profile.llm, profile.tts)
+    )
     rng = random.Random(seed)
 
-    def jitter(low: float, high: float) -> float:
-        return round(rng.uniform(low, high), 3)
+    def within(low_ms: float, high_ms: float, spread: float = 1.0) -> float:
+        # mostly inside the typical range, now and then a little past it
+        return round(rng.uniform(low_ms, high_ms + (high_ms - low_ms) * (spread - 1.0)) / 1000, 3)
 
-    script: list[object] = []
+    script: list[ScriptedTurn] = []
     for i in range(turns):
-        turn = ScriptedTurn(
-            speech_s=jitter(0.6, 1.4),
-            vad_s=jitter(0.15, 0.2),
-            stt_s=jitter(0.15, 0.2),
-            llm_ttft_s=jitter(0.2, 0.3),
-            llm_total_s=0.6,
-            tts_ttfb_s=jitter(0.04, 0.08),
-            reply_audio_s=jitter(0.6, 1.2),
-        )
+        llm_ttft = within(*llm, spread=1.3)
+        extra: dict[str, float] = {}
         if i % 7 == 4:  # an occasional slow turn: the LLM provider has a bad moment
-            turn = ScriptedTurn(**{**turn.__dict__, "llm_ttft_s": jitter(0.7, 1.1)})
+            llm_ttft = round(llm_ttft * rng.uniform(2.5, 3.5), 3)
         if i % 9 == 2:
-            turn = ScriptedTurn(**{**turn.__dict__, "tool_s": jitter(0.2, 0.4)})
+            extra["tool_s"] = within(150, 400)
         if i % 11 == 6:  # the caller talks over a reply that is taking too long
-            turn = ScriptedTurn(**{**turn.__dict__, "llm_ttft_s": 1.2, "barge_in_after_s": 0.9})
-        script.append(turn)
+            llm_ttft, extra["barge_in_after_s"] = 1.4, 1.0
+        script.append(
+            ScriptedTurn(
+                speech_s=within(600, 1600),
+                vad_s=round(vad.min_silence_duration + rng.uniform(0.0, 0.03), 3),
+                stt_s=within(*stt, spread=1.2),
+                llm_ttft_s=llm_ttft,
+                llm_total_s=llm_ttft + 0.4,
+                tts_ttfb_s=within(*tts, spread=1.2),
+                reply_audio_s=within(700, 1500),
+                **extra,
+            )
+        )
     return script
+
+
+def _live_table(monitor: LatencyMonitor, agent: str) -> list[str]:
+    stats = monitor.get_all_stats(agent=agent)
+    lines = [f"  {'component':<10} {'count':>5} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}"]
+    for component in COMPONENT_ORDER:
+        s = stats.get(component)
+        if s and s["count"]:
+            lines.append(
+                f"  {component:<10} {s['count']:>5} {s['median']:>7.1f} {s['p95']:>7.1f} "
+                f"{s['p99']:>7.1f} {s['max']:>7.1f}"
+            )
+    return lines
 
 
 def _span_line(span: object, origin: int, depth: int) -> str:
@@ -140,31 +172,32 @@ def _span_tree(spans: Sequence[object], trace_id: int | None) -> list[str]:
     return lines
 
 
-def _configure_tracing() -> tuple[object, object]:
-    """A tracer provider for the demo: OTLP when the standard OTel variables say so."""
+def _configure_tracing(console: bool) -> tuple[object, object]:
+    """A tracer provider for the demo: OTLP when the standard OTel variables say so, the
+    console only when asked (--console-spans), and always a copy for the printed span trees."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    resource = Resource.create(
-        {"service.name": os.environ.get("OTEL_SERVICE_NAME", "lk-observe-demo")}
-    )
-    provider = TracerProvider(resource=resource)
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))  # for the span trees printed here
+    service = os.environ.get("OTEL_SERVICE_NAME", "lk-observe-demo")
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-                OTLPSpanExporter,
-            )
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        print(f"exporting spans over OTLP ({protocol})")
+        from lk_observe.export import configure_tracing
+
+        provider = configure_tracing(service_name=service)
+        print("exporting spans over OTLP (standard OTEL_EXPORTER_OTLP_* settings)")
+    else:
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    if console:
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     return provider, memory
 
 
@@ -185,32 +218,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     import lk_observe
+    from lk_observe.presets import speed_profile, vad_preset
     from lk_observe.server import serve
     from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
 
-    provider, memory = _configure_tracing()
+    provider, memory = _configure_tracing(args.console_spans)
     monitor = lk_observe.LatencyMonitor()
     server = None
     if args.port is not None:
         try:
             server = serve(host=args.host, port=args.port, monitor=monitor)
-            print(f"ops app: http://{args.host}:{server.port}/  (metrics at /metrics)")
+            print(f"ops app: {server.url}/  (live page; /metrics, /metrics/latency, /slo)")
         except OSError as exc:
             print(f"cannot serve the ops app on port {args.port}: {exc}", file=sys.stderr)
+            print("choose another with --port P, or --port -1 for none", file=sys.stderr)
             return 2
 
-    printed = threading.Event()
+    profile, vad = speed_profile(args.speed), vad_preset(args.preset)
+    total = args.turns
+    done: list[lk_observe.Turn] = []
 
     def on_turn(turn: lk_observe.Turn) -> None:
-        print(_format_turn(turn))
+        done.append(turn)
+        user_turns = sum(1 for t in done if t.kind == "user")
+        print(f"[{user_turns:>3}/{total}] {_format_turn(turn)}")
         if args.spans:
             for line in _span_tree(memory.get_finished_spans(), turn.trace_id):  # type: ignore[attr-defined]
                 print(line)
-        printed.set()
+        if user_turns and user_turns % 5 == 0 and turn.kind == "user":
+            print(
+                "\n".join(["  rolling 5-minute percentiles (ms):", *_live_table(monitor, "demo")])
+            )
 
-    turns = args.turns
-    script = [t for t in demo_script(turns, args.seed) if isinstance(t, ScriptedTurn)]
-    pipeline = build_pipeline(script, greeting=ScriptedTurn(reply_audio_s=0.8))
+    script = demo_script(total, args.seed, preset=args.preset, speed=args.speed)
+    pipeline = build_pipeline(
+        script,
+        greeting=ScriptedTurn(reply_audio_s=0.8),
+        min_endpointing_s=vad.min_endpointing_delay,
+    )
     lk_observe.instrument(
         pipeline.session,
         agent_name="demo",
@@ -218,43 +263,50 @@ async def _demo(args: argparse.Namespace) -> int:
         monitor=monitor,
         on_turn=on_turn,
     )
-    print(f"running a scripted voice session: {turns} user turns, no LiveKit server needed")
+    print(
+        f"scripted voice session: {total} user turns, VAD preset {vad.name}, speed {profile.name} "
+        f"({profile.stt} / {profile.llm} / {profile.tts}); no LiveKit server or key needed"
+    )
     task = asyncio.ensure_future(run_pipeline(pipeline))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    waiters = [task, asyncio.ensure_future(stop.wait())]
+    waiters: list[asyncio.Future[Any]] = [task, asyncio.ensure_future(stop.wait())]
     if args.duration:
         waiters.append(asyncio.ensure_future(asyncio.sleep(args.duration)))
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters[1:]:
+        waiter.cancel()
     if not task.done():
+        print("stopping: closing the session")
         await pipeline.session.aclose()
         task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
     await asyncio.to_thread(lk_observe.flush, 10.0)
     await asyncio.sleep(0.05)
     print("\nsummary over the session (ms):")
-    print(f"  {'component':<10} {'count':>5} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}")
-    stats = monitor.get_all_stats(agent="demo")
-    for component in COMPONENT_ORDER:
-        s = stats.get(component)
-        if s and s["count"]:
-            print(
-                f"  {component:<10} {s['count']:>5} {s['median']:>7.1f} {s['p95']:>7.1f} "
-                f"{s['p99']:>7.1f} {s['max']:>7.1f}"
-            )
+    print("\n".join(_live_table(monitor, "demo")))
     for slo in DEFAULT_SLOS:
-        good, total = monitor.count_at_or_below(slo.component, slo.threshold_ms, agent="demo")
-        if total:
-            print(f"  SLO {slo.name}: {good}/{total} turns under {slo.threshold_ms:.0f} ms")
+        good, all_turns = monitor.count_at_or_below(slo.component, slo.threshold_ms, agent="demo")
+        if all_turns:
+            print(
+                f"  SLO {slo.name}: {good}/{all_turns} turns within {slo.threshold_ms:.0f} ms "
+                f"(objective {slo.objective:.0%})"
+            )
+    tiers = {tier: sum(1 for t in done if t.tier == tier) for tier in ("excellent", "good", "slow")}
+    print(f"  tiers: {tiers}, interrupted: {sum(1 for t in done if t.interrupted)}")
     if server is not None:
-        if args.keep_serving:
-            print("serving until Ctrl-C")
+        if args.keep_serving and not stop.is_set():
+            print(f"serving {server.url}/ until Ctrl-C")
             await stop.wait()
-        server.stop()
-    shutdown = getattr(provider, "shutdown", None)
-    if callable(shutdown):
-        await asyncio.to_thread(shutdown)
+        await asyncio.to_thread(server.stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    from lk_observe.export import shutdown_tracing
+
+    await asyncio.to_thread(shutdown_tracing, provider, 5.0)  # type: ignore[arg-type]
     return 0
 
 
@@ -265,8 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lk-observe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from lk_observe.presets import (
+        DEFAULT_SPEED_PROFILE,
+        DEFAULT_VAD_PRESET,
+        SPEED_PROFILES,
+        VAD_PRESETS,
+    )
+
     demo = sub.add_parser("demo", help="run a scripted voice session, instrumented")
-    demo.add_argument("--turns", type=int, default=8, help="user turns to play (default 8)")
+    demo.add_argument("--turns", type=int, default=12, help="user turns to play (default 12)")
+    demo.add_argument("--preset", choices=sorted(VAD_PRESETS), default=DEFAULT_VAD_PRESET)
+    demo.add_argument("--speed", choices=sorted(SPEED_PROFILES), default=DEFAULT_SPEED_PROFILE)
+    demo.add_argument("--console-spans", action="store_true", help="also print spans as JSON")
     demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8080, help="ops app port; 0 = any, -1 = none")

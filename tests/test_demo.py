@@ -1,0 +1,105 @@
+"""The README's first command, as a newcomer runs it: `lk-observe demo` prints live per-turn
+numbers and serves a live page that headless Chromium renders with the demo's real data."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_live_page import READ_PAGE, chromium
+
+pytestmark = pytest.mark.timeout(180)
+TURNS = 5
+SCREENSHOT = Path(os.environ.get("LK_OBSERVE_SCREENSHOT", "/tmp/lk_observe_demo_page.png"))
+
+
+def _read_until(
+    process: subprocess.Popen[str], pattern: str, lines: list[str], timeout: float
+) -> str:
+    deadline = time.monotonic() + timeout
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"demo exited early ({process.returncode}):\n" + "".join(lines)
+                )
+            continue
+        lines.append(line)
+        if re.search(pattern, line):
+            return line
+    raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n" + "".join(lines))
+
+
+def test_demo_prints_live_turns_and_serves_a_page_chromium_renders(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lk_observe.cli",
+            "demo",
+            f"--turns={TURNS}",
+            "--port=0",
+            "--keep-serving",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    try:
+        url = re.search(r"http://127\.0\.0\.1:\d+", _read_until(process, r"ops app: ", lines, 60))
+        assert url is not None
+        first = _read_until(process, r"\[\s*1/5\] turn", lines, 60)
+        assert "e2e=" in first and "llm_ttft=" in first  # live, per turn, before the run ends
+        assert any("voice.turn" in line for line in lines[-8:]) or _read_until(
+            process, r"voice\.turn", lines, 10
+        )
+        _read_until(process, r"serving .* until Ctrl-C", lines, 90)
+        output = "".join(lines)
+        assert "summary over the session" in output and "SLO e2e_good" in output
+        turn_lines = [line for line in lines if re.match(r"\[\s*\d+/5\] turn", line)]
+        assert len([line for line in turn_lines if "greeting" not in line]) == TURNS
+
+        with urllib.request.urlopen(f"{url.group(0)}/metrics/latency", timeout=5) as response:
+            stats = json.load(response)
+        e2e_turns = sum(1 for line in turn_lines if "e2e=" in line)
+        assert stats["e2e"]["count"] == e2e_turns
+
+        async def look() -> tuple[dict[str, object], bytes]:
+            async with chromium(tmp_path) as page:
+                await page.send("Page.navigate", url=f"{url.group(0)}/")
+                await page.wait_until("document.body && document.body.dataset.loaded === 'true'")
+                shown: dict[str, object] = await page.evaluate(READ_PAGE)
+                shot = await page.send("Page.captureScreenshot", format="png")
+                assert page.problems() == []
+                return shown, base64.b64decode(shot["data"])
+
+        shown, png = asyncio.run(look())
+        SCREENSHOT.write_bytes(png)
+        rows = shown["rows"]
+        assert isinstance(rows, dict)
+        assert rows["e2e"]["count"] == str(e2e_turns)
+        assert rows["e2e"]["p95"] == str(round(stats["e2e"]["p95"]))
+        assert shown["waterfallRows"] and shown["chips"]
+        print(f"\ndemo page screenshot: {SCREENSHOT}")
+
+        process.send_signal(signal.SIGINT)  # Ctrl-C ends it cleanly
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -105,3 +105,22 @@ def test_recent_turns_ring_sees_every_turn(played) -> None:  # type: ignore[no-u
     turns, _, _, _ = played
     recent = {(t.session_id, t.index) for t in lk_observe.default_recent_turns().turns()}
     assert {(t.session_id, t.index) for t in turns} <= recent
+
+
+def test_no_id_like_label_anywhere(played) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lk_observe.metrics import render_metrics
+
+    turns, registry, _, _ = played
+    body, _ = render_metrics(registry)
+    allowed = {"component", "agent", "tier", "error_type", "sink", "label", "le"}
+    id_like = re.compile(r"(speech_|item_|[0-9a-f]{16,}|[0-9a-f]{8}-[0-9a-f]{4}-)")
+    ids = {t.session_id for t in turns} | {t.speech_id for t in turns if t.speech_id}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            assert set(sample.labels) <= allowed, (sample.name, sample.labels)
+            for value in sample.labels.values():
+                assert not id_like.search(value) and value not in ids, (sample.name, value)

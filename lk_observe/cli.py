@@ -32,7 +32,11 @@ def generated_files(slos: Sequence[SLO]) -> dict[str, str]:
     from lk_observe.rules import render_alerting_files
 
     files = {f"dashboards/{name}": text for name, text in render_dashboards(slos).items()}
-    files.update({f"alerting/{name}": text for name, text in render_alerting_files(slos).items()})
+    alerting = render_alerting_files(slos)
+    files.update({f"alerting/{name}": text for name, text in alerting.items()})
+    # the deploy example ships the same operator manifests, so both places stay in step
+    for manifest in ("prometheusrule.yaml", "podmonitor.yaml"):
+        files[f"examples/deploy/k8s/{manifest}"] = alerting[f"kubernetes/{manifest}"]
     return files
 
 

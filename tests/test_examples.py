@@ -365,11 +365,17 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def test_every_manifest_is_valid_yaml_with_kind_and_name() -> None:
     names = sorted(p.name for p in K8S.glob("*.yaml"))
-    assert names == ["deployment.yaml", "hpa.yaml", "podmonitor.yaml", "service.yaml"]
+    assert names == [
+        "deployment.yaml",
+        "hpa.yaml",
+        "podmonitor.yaml",
+        "prometheusrule.yaml",  # generated, like podmonitor.yaml, by `lk-observe generate`
+        "service.yaml",
+    ]
     for name in names:
         manifest = load_manifest(name)
         assert manifest["apiVersion"] and manifest["kind"]
-        assert manifest["metadata"]["name"] == "voice-agent"
+        assert manifest["metadata"]["name"] in ("voice-agent", "lk-observe-slos")
 
 
 def test_probes_hit_health_and_ready_on_the_exposed_ops_port(container: dict[str, Any]) -> None:

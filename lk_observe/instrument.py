@@ -29,7 +29,12 @@ from prometheus_client import CollectorRegistry
 
 from lk_observe.logs import default_turn_logger
 from lk_observe.metrics import LatencyMetrics
-from lk_observe.monitor import LatencyMonitor, default_monitor, default_recent_turns
+from lk_observe.monitor import (
+    LatencyMonitor,
+    default_monitor,
+    default_recent_turns,
+    snapshot_sinks,
+)
 from lk_observe.presets import budget_overruns
 from lk_observe.slo import DEFAULT_SLOS, SLO, SLOEvaluator
 from lk_observe.tracing import TurnTracer
@@ -178,6 +183,8 @@ class InstrumentHandle:
             ("slo", self._slo_sink),
             ("recent", default_recent_turns().add),
             ("logs", default_turn_logger()),
+            # multiprocess mode: share the monitor with the ops app in the worker process
+            *snapshot_sinks(monitor),
             *sinks,
         ]
         self._speech_handles: OrderedDict[str, Any] = OrderedDict()

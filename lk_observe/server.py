@@ -21,9 +21,17 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 
 from lk_observe.metrics import multiproc_dir, render_metrics
-from lk_observe.monitor import LatencyMonitor, RecentTurns, default_monitor, default_recent_turns
+from lk_observe.monitor import (
+    LatencyMonitor,
+    MergedView,
+    RecentTurns,
+    SnapshotReader,
+    default_monitor,
+    default_recent_turns,
+    snapshot_dir,
+    turn_summary,
+)
 from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
-from lk_observe.turns import Turn
 
 logger = logging.getLogger(__name__)
 
@@ -39,26 +47,6 @@ _PAGE_CSP = (
 _JSON_HEADERS = {"Cache-Control": "no-store"}
 
 
-def _turn_summary(turn: Turn) -> dict[str, Any]:
-    origin = min((stage.start for stage in turn.stages.values()), default=turn.started_at)
-    return {
-        "index": turn.index,
-        "kind": turn.kind,
-        "agent": turn.agent,
-        "tier": turn.tier,
-        "interrupted": turn.interrupted,
-        "ended_at": turn.ended_at,
-        "latency_ms": dict(turn.latency_ms),
-        # offsets from the turn's first stage, so the page can draw a waterfall
-        "stages": {
-            name: [(stage.start - origin) * 1000.0, (stage.end - origin) * 1000.0]
-            for name, stage in turn.stages.items()
-        },
-        "tool_calls": turn.tool_calls,
-        "trace_id": None if turn.trace_id is None else f"{turn.trace_id:032x}",
-    }
-
-
 def _finite(value: Any) -> Any:
     # JSON has no NaN/Infinity; a stray one must not turn an ops endpoint into a 500.
     if isinstance(value, float):
@@ -70,8 +58,10 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _json(data: Any, status_code: int = 200) -> JSONResponse:
-    return JSONResponse(_finite(data), status_code=status_code, headers=_JSON_HEADERS)
+def _json(
+    data: Any, status_code: int = 200, headers: Mapping[str, str] = _JSON_HEADERS
+) -> JSONResponse:
+    return JSONResponse(_finite(data), status_code=status_code, headers=dict(headers))
 
 
 def add_readiness_check(app: FastAPI, name: str, check: ReadinessCheck) -> None:
@@ -162,6 +152,7 @@ def create_app(
     app.state.readiness_checks = {**_builtin_checks(), **(checks or {})}
     app.state.monitor = the_monitor
     app.state.recent = the_recent
+    app.state.snapshot_reader = None  # made on first use in multiprocess mode
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -183,18 +174,51 @@ def create_app(
         body, content_type = await anyio.to_thread.run_sync(render_metrics, registry, openmetrics)
         return Response(body, media_type=content_type)
 
+    def snapshot_reader() -> SnapshotReader | None:
+        # Checked per request: LiveKit's worker may set the variable after the app was made.
+        base = multiproc_dir()
+        if base is None:
+            return None
+        directory = snapshot_dir(base)
+        reader: SnapshotReader | None = app.state.snapshot_reader
+        if reader is None or reader.directory != directory:
+            reader = SnapshotReader(the_monitor, directory, recent=the_recent)
+            app.state.snapshot_reader = reader
+        return reader
+
+    async def merged_view() -> MergedView | None:
+        """Every job process's window in multiprocess mode (None: this process alone)."""
+        reader = snapshot_reader()
+        if reader is None:
+            return None
+        # file reads and JSON parsing: off the loop, like /metrics
+        return await anyio.to_thread.run_sync(reader.view)
+
+    def view_headers(view: MergedView | None) -> dict[str, str]:
+        if view is None:
+            return _JSON_HEADERS
+        return {**_JSON_HEADERS, "X-LK-Observe-Processes": str(view.processes + 1)}
+
     @app.get("/metrics/latency")
     async def latency(agent: str | None = None) -> JSONResponse:
-        return _json(the_monitor.get_all_stats(agent=agent))
+        view = await merged_view()
+        source = the_monitor if view is None else view.monitor
+        return _json(source.get_all_stats(agent=agent), headers=view_headers(view))
 
     @app.get("/slo")
     async def slo_status() -> JSONResponse:
-        return _json([evaluate(slo, the_monitor).to_dict() for slo in the_slos])
+        view = await merged_view()
+        source = the_monitor if view is None else view.monitor
+        statuses = [evaluate(slo, source).to_dict() for slo in the_slos]
+        return _json(statuses, headers=view_headers(view))
 
     @app.get("/turns/recent")
     async def recent_turns() -> JSONResponse:
         # numbers and ids only: no speech ids, session ids or user text
-        return _json([_turn_summary(turn) for turn in the_recent.turns()])
+        view = await merged_view()
+        if view is not None:
+            return _json(view.recent, headers=view_headers(view))
+        return _json([turn_summary(turn) for turn in the_recent.turns()])
 
     @app.get("/")
     async def live_page() -> Response:

@@ -1,0 +1,669 @@
+"""The ops app's live latency, SLOs and recent turns cover every job process.
+
+Unit tests merge monitor snapshots (exactness, expiry, dead processes, bad files); the
+integration test runs LiveKit's own ProcPool job processes (forkserver, as LiveKit on Linux)
+that record known turns through the snapshot sink, and reads the ops app over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from livekit.agents.ipc.proc_pool import ProcPool
+from livekit.agents.job import (
+    JobAcceptArguments,
+    JobContext,
+    JobExecutorType,
+    JobProcess,
+    RunningJobInfo,
+)
+from livekit.protocol import agent, models
+from prometheus_client import CollectorRegistry
+
+import lk_observe.monitor as monitor_module
+from lk_observe.instrument import flush, instrument
+from lk_observe.metrics import LATENCY_BUCKETS_S
+from lk_observe.monitor import (
+    LatencyMonitor,
+    MergedMonitor,
+    RecentTurns,
+    SnapshotError,
+    SnapshotReader,
+    SnapshotWriter,
+    default_monitor,
+    default_recent_turns,
+    snapshot_sinks,
+)
+from lk_observe.server import Server, serve
+from lk_observe.slo import DEFAULT_SLOS, evaluate
+from lk_observe.turns import Turn, tier_for
+
+MAX_RELATIVE_ERROR = 0.01  # the monitor's contract, kept by the merge
+EDGES_MS = [edge * 1000.0 for edge in LATENCY_BUCKETS_S]
+
+
+class FakeClock:
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def exact_quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    h = (len(ordered) - 1) * q
+    k = math.floor(h)
+    if k + 1 >= len(ordered):
+        return ordered[k]
+    return ordered[k] + (h - k) * (ordered[k + 1] - ordered[k])
+
+
+def roundtrip(monitor: LatencyMonitor) -> Any:
+    """Through JSON text, as between processes."""
+    return json.loads(json.dumps(monitor.snapshot()))
+
+
+def make_turn(e2e_ms: float, agent_name: str = "support", index: int = 1) -> Turn:
+    now = time.time()
+    return Turn(
+        index=index,
+        speech_id="speech-private",
+        started_at=now - 1.0,
+        ended_at=now,
+        latency_ms={"e2e": e2e_ms, "stt": 100.0},
+        interrupted=False,
+        tier=tier_for(e2e_ms),
+        agent=agent_name,
+        session_id="session-private",
+        trace_id=0xABC,
+    )
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()  # reaped: the pid is gone, not a zombie
+    return child.pid
+
+
+# -- merging -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_merged_percentiles_equal_one_monitor_fed_every_sample(seed: int) -> None:
+    rng = random.Random(seed)
+    clock = FakeClock()
+    parts = [LatencyMonitor(clock=clock) for _ in range(3)]
+    single = LatencyMonitor(clock=clock)
+    values: dict[str, list[float]] = {"support": [], "sales": []}
+    for step in range(3_000):
+        clock.now += 0.05  # spreads samples over 150 s: half the window's slices
+        agent_name = rng.choice(("support", "sales"))
+        value = (
+            rng.lognormvariate(math.log(650.0), 0.5)
+            if rng.random() < 0.9
+            else rng.choice(EDGES_MS)  # point masses right on the Prometheus edges
+        )
+        values[agent_name].append(value)
+        parts[step % 3].record("e2e", value, agent=agent_name)
+        single.record("e2e", value, agent=agent_name)
+
+    merged = MergedMonitor.like(single)
+    for part in parts:
+        merged.merge(roundtrip(part))
+
+    everything = values["support"] + values["sales"]
+    for agent_name, expected in ((None, everything), ("support", values["support"])):
+        got = merged.get_stats("e2e", agent=agent_name)
+        want = single.get_stats("e2e", agent=agent_name)
+        assert got["count"] == want["count"] == len(expected)
+        assert got["min"] == min(expected) and got["max"] == max(expected)
+        assert got["mean"] == pytest.approx(want["mean"], rel=1e-12)
+        for key, q in (("median", 0.5), ("p95", 0.95), ("p99", 0.99)):
+            assert got[key] == want[key]  # the same bucket totals: the same answer
+            exact = exact_quantile(expected, q)
+            assert abs(got[key] - exact) / exact <= MAX_RELATIVE_ERROR, (key, got[key], exact)
+        for edge in EDGES_MS:
+            exact_good = sum(1 for v in expected if v <= edge)
+            assert merged.count_at_or_below("e2e", edge, agent=agent_name) == (
+                exact_good,
+                len(expected),
+            ), edge
+    assert merged.get_all_stats().keys() == single.get_all_stats().keys()
+    for slo in DEFAULT_SLOS:
+        assert evaluate(slo, merged) == evaluate(slo, single)
+
+
+def test_a_merged_view_is_read_only() -> None:
+    merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock()))
+    merged.record("e2e", 100.0)
+    assert merged.get_stats("e2e")["count"] == 0
+    assert merged.skipped == {"read_only": 1}
+
+
+def test_expired_slices_leave_the_merged_window_like_in_one_monitor() -> None:
+    clock = FakeClock()
+    writer, single = LatencyMonitor(clock=clock), LatencyMonitor(clock=clock)
+    for second in range(300):
+        clock.now += 1.0
+        for monitor in (writer, single):
+            monitor.record("e2e", 100.0 + second)
+    snapshot = roundtrip(writer)
+    for later in (0.0, 60.0, 150.0, 299.0, 310.0):
+        clock.now += later
+        merged = MergedMonitor.like(single)
+        merged.merge(snapshot)
+        assert merged.get_stats("e2e") == single.get_stats("e2e"), later
+        clock.now -= later
+    clock.now += 310.0
+    merged = MergedMonitor.like(single)
+    merged.merge(snapshot)
+    assert merged.get_stats("e2e")["count"] == 0
+
+
+def test_slices_from_another_clock_are_refused_whole() -> None:
+    writer = LatencyMonitor(clock=FakeClock(now=1e9))
+    writer.record("e2e", 100.0)
+    merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock(now=1000.0)))
+    with pytest.raises(SnapshotError) as caught:
+        merged.merge(writer.snapshot())
+    assert caught.value.reason == "incompatible"
+    assert merged.get_all_stats() == {}
+
+
+def _valid_state() -> dict[str, Any]:
+    monitor = LatencyMonitor(clock=FakeClock())
+    for value in (120.0, 480.0, 800.0):
+        monitor.record("e2e", value, agent="support")
+    state: dict[str, Any] = roundtrip(monitor)
+    return state
+
+
+def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(state: dict[str, Any]) -> None:
+        target: Any = state
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return change
+
+
+BAD_STATES: dict[str, tuple[str, Callable[[dict[str, Any]], None]]] = {
+    "version": ("incompatible", _set(("v",), 99)),
+    "layout": ("incompatible", _set(("layout",), "1:00000000")),
+    "window": ("incompatible", _set(("window_s",), 60.0)),
+    "series_not_list": ("corrupt", _set(("series",), {"e2e": 1})),
+    "count_mismatch": ("corrupt", _set(("series", 0, "s", 0, 1), 7)),
+    "bucket_out_of_range": ("corrupt", _set(("series", 0, "s", 0, 5), [10**6, 1])),
+    "negative_count": ("corrupt", _set(("series", 0, "s", 0, 5), [5, -1])),
+    "bool_count": ("corrupt", _set(("series", 0, "s", 0, 1), True)),
+    "nan_sum": ("corrupt", _set(("series", 0, "s", 0, 2), math.nan)),
+    "min_outside_bucket": ("corrupt", _set(("series", 0, "s", 0, 3), 1.0)),
+    "empty_component": ("corrupt", _set(("series", 0, "c"), "")),
+    "duplicate_series": ("corrupt", lambda s: s["series"].append(s["series"][0])),
+    "slice_shape": ("corrupt", _set(("series", 0, "s", 0), [1, 2, 3])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_STATES))
+def test_bad_snapshots_are_refused_before_changing_anything(name: str) -> None:
+    reason, change = BAD_STATES[name]
+    state = _valid_state()
+    change(state)
+    merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock()))
+    merged.merge(_valid_state())
+    before = merged.get_all_stats()
+    with pytest.raises(SnapshotError) as caught:
+        merged.merge(state)
+    assert caught.value.reason == reason
+    assert merged.get_all_stats() == before
+
+
+# -- files: writer and reader --------------------------------------------------------------------
+
+
+def test_writer_output_round_trips_through_the_reader(tmp_path: Path) -> None:
+    clock = FakeClock()
+    job, app_monitor = LatencyMonitor(clock=clock), LatencyMonitor(clock=clock)
+    recent = RecentTurns()
+    for index, ms in enumerate((300.0, 799.0, 800.0, 801.0), start=1):
+        turn = make_turn(ms, index=index)
+        job.record_turn(turn)
+        recent.add(turn)
+    app_monitor.record("e2e", 500.0, agent="sales")
+    writer = SnapshotWriter(job, str(tmp_path), recent=recent)
+    writer.pid = os.getppid()  # as if another live process wrote it (ours is skipped)
+    writer.path = str(tmp_path / f"monitor_{writer.pid}.json")
+    assert writer.write() == writer.last_bytes > 0
+    text = Path(writer.path).read_text()
+    assert "private" not in text  # numbers and ids only: no speech or session ids
+
+    view = SnapshotReader(app_monitor, str(tmp_path)).view()
+    assert view.processes == 1
+    assert view.monitor.get_stats("e2e")["count"] == 5
+    assert view.monitor.count_at_or_below("e2e", 800.0) == (4, 5)
+    assert view.monitor.get_stats("e2e", agent="support")["count"] == 4
+    assert view.monitor.get_stats("stt")["count"] == 4
+    assert [t["latency_ms"]["e2e"] for t in view.recent] == [300.0, 799.0, 800.0, 801.0]
+    assert view.recent[0]["trace_id"] == f"{0xABC:032x}"
+
+
+def test_the_writer_throttles_yet_writes_the_last_turn_of_a_burst(tmp_path: Path) -> None:
+    monitor = LatencyMonitor()
+    writer = SnapshotWriter(monitor, str(tmp_path), min_interval_s=0.3)
+    for i in range(200):
+        monitor.record("e2e", 100.0 + i)
+        writer.notify()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if writer.writes and json.loads(Path(writer.path).read_bytes())["series"][0]["s"]:
+            state = json.loads(Path(writer.path).read_bytes())
+            if sum(part[1] for part in state["series"][0]["s"]) == 200:
+                break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the trailing write never came")
+    assert writer.writes <= 3  # 200 notifications, a handful of writes
+    writer.close()
+    finals = list(tmp_path.glob(f"monitor_{os.getpid()}.*.final.json"))
+    assert len(finals) == 1 and not Path(writer.path).exists()
+    assert json.loads(finals[0].read_bytes())["final"] is True
+    writer.notify()  # after close: nothing more, no live file again
+    time.sleep(0.1)
+    assert not Path(writer.path).exists()
+
+
+def test_final_snapshots_count_until_they_expire_then_are_deleted(tmp_path: Path) -> None:
+    job, app_monitor = LatencyMonitor(), LatencyMonitor()
+    job.record("e2e", 700.0)
+    final = tmp_path / f"monitor_{dead_pid()}.{time.time_ns()}.final.json"
+    final.write_text(json.dumps(job.snapshot()))
+    reader = SnapshotReader(app_monitor, str(tmp_path), max_age_s=0)
+    assert reader.view().monitor.get_stats("e2e")["count"] == 1  # exited cleanly: still counts
+    old = time.time() - 2 * app_monitor.window_s
+    os.utime(final, (old, old))
+    assert reader.view().monitor.get_stats("e2e")["count"] == 0
+    assert not final.exists()
+
+
+def test_a_dead_process_without_a_final_snapshot_is_dropped_and_its_file_deleted(
+    tmp_path: Path,
+) -> None:
+    job, app_monitor = LatencyMonitor(), LatencyMonitor()
+    job.record("e2e", 700.0)
+    alive = tmp_path / f"monitor_{os.getppid()}.json"
+    dead = tmp_path / f"monitor_{dead_pid()}.json"
+    temp = tmp_path / f".monitor_{dead_pid()}.json.tmp"
+    for path in (alive, dead, temp):
+        path.write_text(json.dumps(job.snapshot()))
+    reader = SnapshotReader(app_monitor, str(tmp_path), max_age_s=0)
+    view = reader.view()
+    assert view.processes == 1
+    assert view.monitor.get_stats("e2e")["count"] == 1
+    assert alive.exists() and not dead.exists() and not temp.exists()
+    assert reader.skipped == {"dead": 1}
+
+
+def test_a_stale_snapshot_of_a_live_process_is_skipped_not_deleted(tmp_path: Path) -> None:
+    job, app_monitor = LatencyMonitor(), LatencyMonitor()
+    job.record("e2e", 700.0)
+    path = tmp_path / f"monitor_{os.getppid()}.json"
+    path.write_text(json.dumps(job.snapshot()))
+    old = time.time() - 2 * app_monitor.window_s
+    os.utime(path, (old, old))
+    reader = SnapshotReader(app_monitor, str(tmp_path))
+    assert reader.view().processes == 0
+    assert path.exists() and reader.skipped == {"stale": 1}
+
+
+def test_a_process_seen_mid_rename_is_counted_once(tmp_path: Path) -> None:
+    job, app_monitor = LatencyMonitor(), LatencyMonitor()
+    job.record("e2e", 700.0)
+    pid = os.getppid()
+    live = tmp_path / f"monitor_{pid}.json"
+    final = tmp_path / f"monitor_{pid}.{time.time_ns()}.final.json"
+    for path in (live, final):
+        path.write_text(json.dumps(job.snapshot()))
+    stamp = time.time()
+    for path in (live, final):
+        os.utime(path, (stamp, stamp))
+    view = SnapshotReader(app_monitor, str(tmp_path)).view()
+    assert view.processes == 1 and view.monitor.get_stats("e2e")["count"] == 1
+
+
+def test_files_read_per_merge_are_bounded(tmp_path: Path) -> None:
+    job, app_monitor = LatencyMonitor(), LatencyMonitor()
+    job.record("e2e", 700.0)
+    for n in range(5):
+        (tmp_path / f"monitor_{10 + n}.{n}.final.json").write_text(json.dumps(job.snapshot()))
+    reader = SnapshotReader(app_monitor, str(tmp_path), max_files=3)
+    view = reader.view()
+    assert view.processes == 3 and view.monitor.get_stats("e2e")["count"] == 3
+    assert reader.skipped == {"over_limit": 2}
+
+
+def test_a_size_capped_snapshot_keeps_the_aggregates(tmp_path: Path) -> None:
+    clock = FakeClock()
+    monitor = LatencyMonitor(clock=clock)
+    rng = random.Random(3)
+    for _ in range(3_000):
+        clock.now += 0.1
+        monitor.record("e2e", rng.uniform(1.0, 100_000.0), agent=rng.choice("abcdefgh"))
+    full = SnapshotWriter(monitor, str(tmp_path / "full")).write()
+    # the all-agents series is about half of it (the per-agent ones hold the same samples)
+    cap = int(full * 0.6)
+    writer = SnapshotWriter(monitor, str(tmp_path), max_bytes=cap)
+    size = writer.write()
+    assert size <= cap and writer.truncated > 0
+    state = json.loads(Path(writer.path).read_bytes())
+    assert state["series"][0]["a"] is None  # the all-agents series survived
+    assert state["truncated"] == writer.truncated
+    merged = MergedMonitor.like(monitor)
+    merged.merge(state)
+    assert merged.get_stats("e2e") == monitor.get_stats("e2e")
+
+
+GARBAGE: dict[str, bytes] = {
+    "empty": b"",
+    "truncated": b'{"v":1,"layout":"x","series":[{"c":"e2e"',
+    "binary": bytes(range(256)) * 4,
+    "not_utf8": b'{"v":1,"series":[],"x":"\xff\xfe"}',
+    "deeply_nested": b"[" * 200_000 + b"]" * 200_000,
+    "json_list": b"[1, 2, 3]",
+}
+
+
+async def test_garbage_snapshot_files_are_skipped_counted_and_never_a_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    directory = tmp_path / "lk_observe"
+    directory.mkdir()
+    good = LatencyMonitor()
+    good.record("e2e", 450.0)
+    (directory / "monitor_1.1.final.json").write_text(json.dumps(good.snapshot()))
+    for n, data in enumerate(GARBAGE.values(), start=2):
+        (directory / f"monitor_{n}.{n}.final.json").write_bytes(data)
+    bad_state = _valid_state()
+    bad_state["series"][0]["s"][0][1] = 99  # counts that do not add up
+    (directory / "monitor_90.90.final.json").write_text(json.dumps(bad_state))
+    bad_state = _valid_state()
+    bad_state["series"][0]["s"][0][2] = math.nan  # Python's json writes and reads NaN
+    (directory / "monitor_93.93.final.json").write_text(json.dumps(bad_state))
+    wrong_window = _valid_state()
+    wrong_window["window_s"] = 60.0
+    (directory / "monitor_94.94.final.json").write_text(json.dumps(wrong_window))
+    (directory / "monitor_91.91.final.json").write_bytes(b" " * (2 << 20))  # over 1 MiB
+    (directory / "monitor_92.92.final.json").mkdir()  # not a regular file: ignored
+    (directory / "notes.txt").write_text("not a snapshot")
+
+    server: Server = serve(port=0, monitor=LatencyMonitor(), recent=RecentTurns())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as client:
+            latency = await client.get("/metrics/latency")
+            slo = await client.get("/slo")
+            recent = await client.get("/turns/recent")
+            page = await client.get("/")
+    finally:
+        assert server.stop()
+    assert [r.status_code for r in (latency, slo, recent, page)] == [200] * 4
+    assert latency.json()["e2e"]["count"] == 1
+    assert latency.headers["X-LK-Observe-Processes"] == "2"
+    assert slo.json()[0]["turns"] == 1 and slo.json()[0]["good_turns"] == 1
+    assert recent.json() == []
+    reader = server._server.config.app.state.snapshot_reader
+    # read once: /slo and /turns/recent came within the cache age and reused the merge
+    assert reader.skipped == {"corrupt": len(GARBAGE) + 2, "too_large": 1, "incompatible": 1}
+
+
+def test_instrument_adds_the_snapshot_sink_only_in_multiprocess_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Session:
+        def emit(self, event: str, *args: Any) -> None:
+            pass
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setattr(monitor_module, "_writer", None)
+    assert snapshot_sinks(default_monitor()) == []
+    handle = instrument(Session(), registry=CollectorRegistry())
+    assert "snapshot" not in [name for name, _ in handle._sinks]
+    handle.uninstrument()
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monitor = LatencyMonitor()
+    handle = instrument(Session(), registry=CollectorRegistry(), monitor=monitor)
+    writer = monitor_module._writer
+    try:
+        assert writer is not None and writer.monitor is monitor
+        assert "snapshot" in [name for name, _ in handle._sinks]
+        # another monitor in the same process cannot share the one file
+        assert snapshot_sinks(LatencyMonitor()) == []
+        handle._dispatch([make_turn(640.0)])
+        assert flush(5.0)
+        deadline = time.monotonic() + 5.0
+        while not Path(writer.path).exists():
+            assert time.monotonic() < deadline, "no snapshot written"
+            time.sleep(0.02)
+        state = json.loads(Path(writer.path).read_bytes())
+        assert {(s["c"], s["a"]) for s in state["series"]} >= {("e2e", None), ("e2e", "support")}
+    finally:
+        handle.uninstrument()
+        if writer is not None:
+            writer.close()
+
+
+def test_the_benchmark_runs() -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_monitor_snapshot.py"
+    spec = importlib.util.spec_from_file_location("bench_monitor_snapshot", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_monitor_snapshot"] = module
+    spec.loader.exec_module(module)
+    results = module.main(["--quick"])
+    assert results["write"] and results["merge"]
+
+
+# -- real job processes --------------------------------------------------------------------------
+
+# job id -> (agent, e2e latencies in ms of the turns that job records)
+JOBS: dict[str, tuple[str, list[float]]] = {
+    "job-a": ("support", [300.0, 450.0, 700.0]),
+    "job-b": ("support", [820.0, 640.0, 310.0, 990.0, 505.0]),
+    "job-c": ("sales", [250.0, 480.0, 799.0, 800.0, 1500.0, 620.0, 410.0]),
+}
+KILLED = "job-b"
+
+
+def prewarm(proc: JobProcess) -> None:
+    """LiveKit's per-process setup hook; nothing to warm here."""
+
+
+async def job_entrypoint(ctx: JobContext) -> None:
+    spec = json.loads(ctx.job.metadata)
+    monitor, recent = default_monitor(), default_recent_turns()
+    sinks = [sink for _, sink in snapshot_sinks(monitor)]
+    assert sinks, "PROMETHEUS_MULTIPROC_DIR did not reach the job process"
+    for index, e2e_ms in enumerate(spec["turns"], start=1):
+        turn = make_turn(e2e_ms, spec["agent"], index)
+        # what instrument()'s sink thread does for each finished turn, in the same order
+        monitor.record_turn(turn)
+        recent.add(turn)
+        for sink in sinks:
+            sink(turn)
+    # returning keeps the job alive (LiveKit waits for shutdown), like a call in progress
+
+
+def _stop_forkserver() -> None:
+    # job processes must see PROMETHEUS_MULTIPROC_DIR: a fresh forkserver inherits it
+    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    directory = tmp_path / "prometheus"
+    directory.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+    _stop_forkserver()
+    yield directory
+    _stop_forkserver()
+
+
+def running_job(job_id: str, spec: tuple[str, list[float]]) -> RunningJobInfo:
+    agent_name, turns = spec
+    return RunningJobInfo(
+        accept_arguments=JobAcceptArguments(name="", identity=f"agent-{job_id}", metadata=""),
+        job=agent.Job(
+            id=job_id,
+            type=agent.JobType.JT_ROOM,
+            room=models.Room(sid=f"RM_{job_id}", name=f"room-{job_id}"),
+            metadata=json.dumps({"agent": agent_name, "turns": turns}),
+        ),
+        url="ws://127.0.0.1:1",  # never dialled: fake jobs use a mock room
+        token="",
+        worker_id="test-worker",
+        fake_job=True,
+    )
+
+
+def expected(jobs: list[str], agent_name: str | None = None) -> list[float]:
+    return [
+        ms
+        for job_id in jobs
+        for name, turns in [JOBS[job_id]]
+        if agent_name in (None, name)
+        for ms in turns
+    ]
+
+
+async def read_all(client: httpx.AsyncClient) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, path in (
+        ("all", "/metrics/latency"),
+        ("support", "/metrics/latency?agent=support"),
+        ("sales", "/metrics/latency?agent=sales"),
+        ("slo", "/slo"),
+        ("recent", "/turns/recent"),
+    ):
+        response = await client.get(path)
+        assert response.status_code == 200, path
+        found[key] = response.json()
+    return found
+
+
+def matches(found: dict[str, Any], jobs: list[str]) -> bool:
+    def count(key: str) -> int:
+        stats = found[key].get("e2e")
+        return 0 if stats is None else int(stats["count"])
+
+    return (
+        count("all") == len(expected(jobs))
+        and count("support") == len(expected(jobs, "support"))
+        and count("sales") == len(expected(jobs, "sales"))
+    )
+
+
+async def wait_until(
+    client: httpx.AsyncClient, condition: str, jobs: list[str], timeout_s: float = 60.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    found = await read_all(client)
+    while not matches(found, jobs):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {condition}: {found['all']}")
+        await asyncio.sleep(0.2)
+        found = await read_all(client)
+    return found
+
+
+def assert_exact(found: dict[str, Any], jobs: list[str]) -> None:
+    everything = expected(jobs)
+    stats = found["all"]["e2e"]
+    assert stats["count"] == len(everything)
+    assert stats["min"] == min(everything) and stats["max"] == max(everything)
+    assert stats["mean"] == pytest.approx(sum(everything) / len(everything))
+    assert found["all"]["stt"]["count"] == len(everything)
+    for slo_status, slo in zip(found["slo"], DEFAULT_SLOS, strict=True):
+        assert slo_status["name"] == slo.name
+        assert slo_status["turns"] == len(everything)
+        assert slo_status["good_turns"] == sum(1 for ms in everything if ms <= slo.threshold_ms)
+    assert sorted(t["latency_ms"]["e2e"] for t in found["recent"]) == sorted(everything)
+    assert all("speech_id" not in t and "session_id" not in t for t in found["recent"])
+
+
+@pytest.mark.timeout(240)
+async def test_ops_app_latency_and_slos_cover_every_job_process(multiproc_dir: Path) -> None:
+    pool = ProcPool(
+        initialize_process_fnc=prewarm,
+        job_entrypoint_fnc=job_entrypoint,
+        session_end_fnc=None,
+        simulation_end_fnc=None,
+        num_idle_processes=len(JOBS),
+        initialize_timeout=90.0,
+        close_timeout=20.0,
+        session_end_timeout=5.0,
+        inference_executor=None,
+        job_executor_type=JobExecutorType.PROCESS,
+        mp_ctx=multiprocessing.get_context("forkserver"),  # LiveKit's default on Linux
+        memory_warn_mb=0,
+        memory_limit_mb=0,
+        http_proxy=None,
+        loop=asyncio.get_running_loop(),
+    )
+    # the worker's main process: its own monitor sees no turns
+    server: Server = serve(
+        port=0, monitor=LatencyMonitor(), registry=CollectorRegistry(), recent=RecentTurns()
+    )
+    snapshots = multiproc_dir / "lk_observe"
+    try:
+        await pool.start()
+        for job_id, spec in JOBS.items():
+            await pool.launch_job(running_job(job_id, spec))
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as client:
+            every = list(JOBS)
+            found = await wait_until(client, "every job's turns", every)
+            assert_exact(found, every)
+            response = await client.get("/metrics/latency")
+            assert response.headers["X-LK-Observe-Processes"] == str(len(JOBS) + 1)
+
+            # A job process dies without any goodbye (OOM killer, SIGKILL).
+            victim = pool.get_by_job_id(KILLED)
+            assert victim is not None and victim.pid is not None
+            victim_pid = victim.pid
+            assert (snapshots / f"monitor_{victim_pid}.json").exists()
+            os.kill(victim_pid, signal.SIGKILL)
+            await asyncio.wait_for(victim.join(), timeout=30.0)
+
+            survivors = [job_id for job_id in JOBS if job_id != KILLED]
+            found = await wait_until(client, "the killed process to drop out", survivors)
+            assert_exact(found, survivors)
+            assert not (snapshots / f"monitor_{victim_pid}.json").exists()
+
+            # The other jobs end normally: their final snapshots keep their turns in the window.
+            await pool.aclose()
+            assert not list(snapshots.glob("monitor_*[0-9].json"))  # no live files left
+            assert len(list(snapshots.glob("monitor_*.final.json"))) == len(survivors)
+            found = await read_all(client)
+            assert_exact(found, survivors)
+    finally:
+        await pool.aclose()
+        assert server.stop()

@@ -1015,7 +1015,8 @@ def _forget_writer_after_fork() -> None:
     _writer = None
 
 
-os.register_at_fork(after_in_child=_forget_writer_after_fork)
+if hasattr(os, "register_at_fork"):  # POSIX only; nothing forks elsewhere
+    os.register_at_fork(after_in_child=_forget_writer_after_fork)
 
 
 @dataclass(frozen=True)

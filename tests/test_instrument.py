@@ -33,6 +33,16 @@ LISTENED = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _event_loop_for_bare_sessions() -> Iterator[None]:
+    """AgentSession() needs a current event loop; an earlier asyncio.run() leaves none set."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
 def _instrument(session: Any, **kwargs: Any) -> lk_observe.InstrumentHandle:
     kwargs.setdefault("registry", CollectorRegistry())
     kwargs.setdefault("monitor", lk_observe.LatencyMonitor())

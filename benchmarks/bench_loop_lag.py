@@ -167,10 +167,6 @@ async def _session(variant: Variant, turns: int) -> None:
     receiver = variant.receiver() if variant.receiver else None
     provider = None
     pipeline = build_pipeline([TURN] * turns)
-    # the scripted STT never sends the final transcript aclose() waits 2 s for
-    options = getattr(pipeline.session, "_opts", None)
-    if hasattr(options, "session_close_transcript_timeout"):
-        options.session_close_transcript_timeout = 0.05  # type: ignore[union-attr]
     try:
         if receiver is not None and variant.protocol is not None:
             provider = configure_tracing(

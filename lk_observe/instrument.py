@@ -27,6 +27,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, TracerProvider
 from prometheus_client import CollectorRegistry
 
+from lk_observe.export import flush_tracing
 from lk_observe.logs import default_turn_logger
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import (
@@ -46,6 +47,7 @@ _MARKER = "_lk_observe_handle"
 _SINK_QUEUE_SIZE = 10_000
 _MAX_TRACKED_HANDLES = 64
 _SLO_CHECK_INTERVAL_S = 1.0
+JOB_EXIT_FLUSH_S = 5.0  # LiveKit gives shutdown callbacks a bounded time too
 
 TurnHook = Callable[[Turn], None]
 Sink = Callable[[Turn], "Turn | None"]
@@ -159,6 +161,7 @@ class InstrumentHandle:
         *,
         agent_name: str,
         tracer: TurnTracer,
+        tracer_provider: TracerProvider,
         metrics: LatencyMetrics,
         monitor: LatencyMonitor,
         slos: tuple[SLO, ...],
@@ -175,6 +178,7 @@ class InstrumentHandle:
         self.handler_failures = 0
         self._session_ref = weakref.ref(session)
         self._tracer = tracer
+        self._tracer_provider = tracer_provider
         self._on_turn = on_turn
         self._slo_check = _slo_evaluator(monitor, agent_name, slos)
         self._sinks: list[tuple[str, Sink]] = [
@@ -200,6 +204,7 @@ class InstrumentHandle:
     def _attach(self, session: Any) -> None:
         session.emit = self._wrapped_emit  # instance attribute shadows AgentSession.emit
         setattr(session, _MARKER, self)
+        self._flush_on_job_exit()
         self.metrics.session_started(self.agent_name)
         self.metrics.export_components(self.agent_name, {slo.component for slo in self.slos})
 
@@ -222,6 +227,49 @@ class InstrumentHandle:
                 delattr(session, _MARKER)
         self._dispatch(self.assembler.close(time.time()))
         self.metrics.session_ended(self.agent_name)
+
+    def _flush_on_job_exit(self) -> None:
+        """Inside a LiveKit job, finish and export this session's turns before the job process
+        exits, bounded so a dead collector cannot hold the shutdown."""
+        try:
+            from livekit.agents import get_job_context
+
+            ctx = get_job_context(required=False)
+        except Exception:  # a livekit-agents without job contexts: nothing to hook
+            return
+        if ctx is None:
+            return
+        handle_ref = weakref.ref(self)
+
+        async def flush_before_exit() -> None:
+            handle = handle_ref()
+            if handle is not None:
+                await asyncio.to_thread(handle.close_and_flush, JOB_EXIT_FLUSH_S)
+
+        ctx.add_shutdown_callback(flush_before_exit)
+
+    def close_and_flush(self, timeout_s: float = JOB_EXIT_FLUSH_S) -> bool:
+        """Finish pending turns, run them through the sinks and flush the span exporter, within
+        `timeout_s` in all. Blocking: call it from a thread (or a shutdown hook), not the loop."""
+        deadline = time.monotonic() + timeout_s
+        loop = self._loop
+        if self._active:
+            if loop is not None and loop.is_running() and not loop.is_closed():
+                done = threading.Event()
+
+                def close_on_loop() -> None:
+                    try:
+                        self.uninstrument()
+                    finally:
+                        done.set()
+
+                loop.call_soon_threadsafe(close_on_loop)
+                done.wait(max(0.0, deadline - time.monotonic()))
+            else:
+                self.uninstrument()
+        drained = _sink_worker().drain(max(0.0, deadline - time.monotonic()))
+        exported = flush_tracing(self._tracer_provider, max(0.0, deadline - time.monotonic()))
+        return drained and exported
 
     @property
     def active(self) -> bool:
@@ -484,6 +532,7 @@ def instrument(
         session,
         agent_name=agent_name,
         tracer=TurnTracer(tracer_provider),
+        tracer_provider=tracer_provider or trace.get_tracer_provider(),
         metrics=LatencyMetrics.for_registry(registry),
         monitor=monitor if monitor is not None else default_monitor(),
         slos=slo_specs,

@@ -254,8 +254,10 @@ class LatencyMetrics:
             agent=self._agents.resolve(agent), error_type=self._error_types.resolve(error_type)
         ).inc()
 
-    def sink_failure(self, sink: str) -> None:
-        self.sink_failures.labels(sink=self._sinks.resolve(sink)).inc()
+    def sink_failure(self, sink: str, amount: float = 1.0) -> None:
+        """Count failures of a sink; `amount` for batches (e.g. spans lost in one export)."""
+        if amount > 0 and math.isfinite(amount):
+            self.sink_failures.labels(sink=self._sinks.resolve(sink)).inc(amount)
 
     def budget_overrun(self, agent: str, component: str) -> None:
         if component not in COMPONENTS:

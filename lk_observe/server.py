@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 
+from lk_observe.export import export_health
 from lk_observe.metrics import multiproc_dir, render_metrics
 from lk_observe.monitor import (
     LatencyMonitor,
@@ -164,7 +165,9 @@ def create_app(
         page, which shows readiness rather than probes it: a 503 is a browser console error)."""
         results = await run_readiness_checks(app.state.readiness_checks, check_timeout_s)
         failing = sorted(name for name, status in results.items() if status != "ok")
-        body = {"ready": not failing, "checks": results, "failing": failing}
+        body: dict[str, Any] = {"ready": not failing, "checks": results, "failing": failing}
+        # detail, not a check: a dead collector costs spans, it must not take the agent out
+        body["span_export"] = export_health()
         return _json(body, status_code=503 if failing and not report else 200)
 
     @app.get("/metrics")

@@ -658,6 +658,7 @@ def build_pipeline(
             "interruption": {"min_duration": 0.2, "false_interruption_timeout": 1.0},
         },
         aec_warmup_duration=None,
+        session_close_transcript_timeout=0.05,  # the scripted STT sends no closing transcript
     )
     audio_input = ScriptedAudioInput()
     session.input.audio = audio_input

@@ -22,3 +22,8 @@ def test_turn_overhead_benchmark_reports_every_variant_and_emits_every_turn() ->
     results = _load("bench_turn_overhead").main(["--turns", "50"])
     assert set(results) == {"baseline", "naive listeners (no work)", "lk_observe"}
     assert all(seconds > 0 for seconds in results.values())
+
+
+def test_loop_lag_benchmark_reports_baseline_and_faults() -> None:
+    results = _load("bench_loop_lag").main(quick=True)
+    assert {"baseline (no lk_observe)", "http healthy", "http black hole"} <= set(results)

@@ -279,11 +279,6 @@ async def _probe(out: list[float], stop: asyncio.Event) -> None:
 
 async def _play(provider: TracerProvider | None, registry: CollectorRegistry | None) -> Run:
     pipeline = build_pipeline(SCRIPT)
-    # aclose() waits 2 s for a final transcript the scripted STT never sends after the
-    # script; not what this module measures, and it would double its wall time
-    options = getattr(pipeline.session, "_opts", None)
-    if hasattr(options, "session_close_transcript_timeout"):
-        options.session_close_transcript_timeout = 0.05  # type: ignore[union-attr]
     turns: list[lk_observe.Turn] = []
     handle = None
     if provider is not None:

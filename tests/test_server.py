@@ -118,7 +118,9 @@ def test_ready_is_200_when_every_check_passes(start: Callable[..., Server], worl
     server = start(**app_kwargs(world), checks={"vad": vad_loaded})
     response = httpx.get(f"{server.url}/ready")
     assert response.status_code == 200
-    assert response.json() == {"ready": True, "checks": {"vad": "ok"}, "failing": []}
+    body = response.json()
+    assert body.pop("span_export")["healthy"] is True  # exporter health rides along as detail
+    assert body == {"ready": True, "checks": {"vad": "ok"}, "failing": []}
 
 
 def test_ready_is_503_listing_failing_raising_and_hanging_checks(
@@ -363,3 +365,30 @@ def test_nan_in_stats_does_not_break_json(start: Callable[..., Server], world: W
     response = httpx.get(f"{server.url}/metrics/latency")
     assert response.status_code == 200
     assert response.json() == {"e2e": {"count": 1, "mean": None, "p95": None}}
+
+
+def test_ready_shows_a_dead_collector_as_detail_and_stays_ready(
+    start: Callable[..., Server], world: World
+) -> None:
+    import socket
+
+    import lk_observe
+
+    with socket.socket() as probe:  # a loopback port nobody listens on: connection refused
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    provider = lk_observe.configure_tracing(
+        endpoint=f"http://127.0.0.1:{dead}", protocol="http/protobuf", timeout_s=0.5
+    )
+    try:
+        provider.get_tracer("t").start_span("s").end()
+        lk_observe.flush_tracing(provider, 2.0)
+        server = start(**app_kwargs(world))
+        response = httpx.get(f"{server.url}/ready")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["ready"] is True and body["failing"] == []
+        assert body["span_export"]["healthy"] is False
+        assert body["span_export"]["failed"] >= 1
+    finally:
+        lk_observe.shutdown_tracing(provider, 2.0)

@@ -43,7 +43,11 @@ def generated_files(slos: Sequence[SLO]) -> dict[str, str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lk_observe.rules import load_slos
 
-    slos = load_slos(args.slo) if args.slo else DEFAULT_SLOS
+    try:
+        slos = load_slos(args.slo) if args.slo else DEFAULT_SLOS
+    except (OSError, ValueError) as exc:
+        print(f"lk-observe generate: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     drifted: list[str] = []
     for relative, text in sorted(generated_files(slos).items()):

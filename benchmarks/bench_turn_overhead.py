@@ -103,9 +103,16 @@ def _turn_events(t0: float) -> list[tuple[str, Any, Callable[[], Any] | None]]:
     ]
 
 
-def _replay(session: AgentSession, turns: list[list[tuple[str, Any, Any]]]) -> float:
+def _replay(
+    session: AgentSession, turns: list[list[tuple[str, Any, Any]]], *, paced: bool
+) -> float:
+    """CPU seconds (all threads) to play `turns`. Paced: each turn's sink work finishes before
+    the next turn starts, as in a real call (turns are seconds apart); unpaced: back to back,
+    the sink thread and the loop contending for the GIL the whole time (a worst case)."""
     start = time.process_time()
     for events in turns:
+        if paced:
+            lk_observe.flush(30.0)
         for name, ev, current in events:
             if current is not None:
                 value = current()
@@ -118,15 +125,8 @@ def _replay(session: AgentSession, turns: list[list[tuple[str, Any, Any]]]) -> f
     return time.process_time() - start
 
 
-def run(turns: int) -> dict[str, float]:
-    now = time.time()
-    sequences = [_turn_events(now + i) for i in range(turns)]
-    results: dict[str, float] = {}
-
-    baseline = AgentSession()
-    results["baseline"] = _replay(baseline, sequences)
-
-    listeners = AgentSession()
+def _listening_session() -> AgentSession:
+    session = AgentSession()
     for name in (
         "user_state_changed",
         "speech_created",
@@ -136,28 +136,39 @@ def run(turns: int) -> dict[str, float]:
         "error",
         "close",
     ):
-        listeners.on(name, lambda ev: None)  # the cost is LiveKit's dispatch
-    results["naive listeners (no work)"] = _replay(listeners, sequences)
+        session.on(name, lambda ev: None)  # the cost is LiveKit's dispatch
+    return session
 
+
+def run(turns: int) -> dict[str, float]:
+    """CPU seconds per variant and pacing, e.g. results["lk_observe, paced"]."""
+    results: dict[str, float] = {}
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_DiscardExporter(), max_queue_size=65536))
-    session = AgentSession()
-    emitted: list[int] = []
-    lk_observe.instrument(
-        session,
-        tracer_provider=provider,
-        registry=CollectorRegistry(),
-        monitor=lk_observe.LatencyMonitor(),
-        on_turn=lambda t: emitted.append(t.index),
-    )
-    # fresh speech handles for this pass: each turn must be new to the assembler
-    sequences = [_turn_events(now + i) for i in range(turns)]
-    results["lk_observe"] = _replay(session, sequences)
-    provider.shutdown()
-    time.sleep(0.2)  # on_turn is delivered through the loop; count what the sinks finished
-    if len(emitted) != turns and session.__dict__.get("_lk_observe_handle") is not None:
-        handle = session.__dict__["_lk_observe_handle"]
+    for paced in (True, False):
+        mode = "paced" if paced else "back to back"
+        now = time.time()  # each pass is new to the assembler: fresh handles, current clock
+        results[f"baseline, {mode}"] = _replay(
+            AgentSession(), [_turn_events(now + i * 0.001) for i in range(turns)], paced=paced
+        )
+        results[f"naive listeners (no work), {mode}"] = _replay(
+            _listening_session(),
+            [_turn_events(now + i * 0.001) for i in range(turns)],
+            paced=paced,
+        )
+        session = AgentSession()
+        handle = lk_observe.instrument(
+            session,
+            tracer_provider=provider,
+            registry=CollectorRegistry(),
+            monitor=lk_observe.LatencyMonitor(),
+        )
+        results[f"lk_observe, {mode}"] = _replay(
+            session, [_turn_events(now + i * 0.001) for i in range(turns)], paced=paced
+        )
         assert handle.turns_emitted == turns, (handle.turns_emitted, turns, handle.skipped)
+        handle.uninstrument()
+    provider.shutdown()
     return results
 
 
@@ -167,12 +178,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     asyncio.set_event_loop(asyncio.new_event_loop())
     results = run(args.turns)
-    base = results["baseline"]
-    print(f"{'variant':<28} {'CPU ms/turn':>12} {'added ms/turn':>14} {'x baseline':>11}")
+    print(f"{'variant':<40} {'CPU ms/turn':>12} {'added ms/turn':>14} {'x baseline':>11}")
     for name, seconds in results.items():
+        base = results["baseline, " + name.rsplit(", ", 1)[1]]
         per_turn = seconds / args.turns * 1000
         added = (seconds - base) / args.turns * 1000
-        print(f"{name:<28} {per_turn:>12.4f} {added:>14.4f} {seconds / base:>10.1f}x")
+        print(f"{name:<40} {per_turn:>12.4f} {added:>14.4f} {seconds / base:>10.1f}x")
     return results
 
 

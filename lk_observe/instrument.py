@@ -55,38 +55,33 @@ Sink = Callable[[Turn], "Turn | None"]
 
 class _SinkWorker:
     """One daemon thread for the whole process: sinks (span export, /metrics bookkeeping,
-    logging) never run on an agent's event loop, and a slow sink costs queued turns, not lag."""
+    logging) never run on an agent's event loop, and a slow sink costs queued turns, not lag.
+
+    `submit` takes no Python-level lock: a lock shared with this thread would make the loop
+    wait out the thread's whole GIL slice (up to 5 ms) whenever they collide.
+    """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(_SINK_QUEUE_SIZE)
-        self._idle = threading.Condition()
-        self._unfinished = 0
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="lk-observe-sinks", daemon=True)
         self._thread.start()
 
     def submit(self, job: Callable[[], None]) -> bool:
-        with self._idle:
-            self._unfinished += 1
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            with self._idle:
-                self._unfinished -= 1
-                self.dropped += 1
+        if self._queue.qsize() >= _SINK_QUEUE_SIZE:  # bounded memory if the sinks fall behind
+            self.dropped += 1
             return False
+        self._queue.put(job)
         return True
 
     def drain(self, timeout: float) -> bool:
-        """Wait until every submitted job ran; False on timeout. Never call it on the loop."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._unfinished:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+        """Wait until every job submitted before this call ran; False on timeout.
+        Blocking: never call it on the event loop."""
+        if threading.current_thread() is self._thread:
+            return True  # called from a sink: everything before it has run
+        reached = threading.Event()
+        self._queue.put(reached.set)  # one FIFO, one thread: when it runs, all before it ran
+        return reached.wait(timeout)
 
     def _run(self) -> None:
         while True:
@@ -96,10 +91,7 @@ class _SinkWorker:
             except Exception:  # jobs guard themselves; this is the last line of defence
                 logger.exception("lk_observe sink job failed")
             finally:
-                with self._idle:
-                    self._unfinished -= 1
-                    if not self._unfinished:
-                        self._idle.notify_all()
+                job = None  # type: ignore[assignment]  # don't pin the last session until the next turn
 
 
 _worker: _SinkWorker | None = None
@@ -115,19 +107,21 @@ def _sink_worker() -> _SinkWorker:
 
 
 # One evaluator per (monitor, agent, SLO set): many sessions of one agent share one breach state.
-_evaluators: weakref.WeakKeyDictionary[LatencyMonitor, dict[tuple[str, tuple[SLO, ...]], Any]] = (
-    weakref.WeakKeyDictionary()
-)
+# Values are weak: an evaluator lives as long as a session of that agent holds it, so ever-new
+# agent names cannot grow this.
+_evaluators: weakref.WeakKeyDictionary[
+    LatencyMonitor, weakref.WeakValueDictionary[tuple[str, tuple[SLO, ...]], _ThrottledSLOs]
+] = weakref.WeakKeyDictionary()
 _evaluators_lock = threading.Lock()
 
 
 def _slo_evaluator(monitor: LatencyMonitor, agent: str, slos: tuple[SLO, ...]) -> _ThrottledSLOs:
     with _evaluators_lock:
-        per_monitor = _evaluators.setdefault(monitor, {})
+        per_monitor = _evaluators.setdefault(monitor, weakref.WeakValueDictionary())
         key = (agent, slos)
-        if key not in per_monitor:
-            per_monitor[key] = _ThrottledSLOs(SLOEvaluator(slos, monitor, agent=agent))
-        evaluator: _ThrottledSLOs = per_monitor[key]
+        evaluator = per_monitor.get(key)
+        if evaluator is None:
+            evaluator = per_monitor[key] = _ThrottledSLOs(SLOEvaluator(slos, monitor, agent=agent))
         return evaluator
 
 
@@ -191,13 +185,14 @@ class InstrumentHandle:
             *snapshot_sinks(monitor),
             *sinks,
         ]
-        self._speech_handles: OrderedDict[str, Any] = OrderedDict()
+        # weak: only read for LiveKit's agent_turn span context; LiveKit owns the handles
+        self._speech_handles: OrderedDict[str, weakref.ref[Any]] = OrderedDict()
         self._active = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         # another wrapper may already sit on the instance: uninstrument must put it back
         self._instance_emit = session.__dict__.get("emit")
-        self._wrapped_emit = self._make_wrapper(session.emit)
+        self._wrapped_emit = self._make_wrapper(session)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -281,8 +276,17 @@ class InstrumentHandle:
 
     # -- event intake -------------------------------------------------------------------------
 
-    def _make_wrapper(self, original: Callable[..., None]) -> Callable[..., None]:
+    def _make_wrapper(self, session: Any) -> Callable[..., None]:
         handle_ref = weakref.ref(self)
+        session_ref = weakref.ref(session)  # the wrapper must not keep a closed session alive
+        instance_emit = self._instance_emit
+        class_emit = type(session).emit
+
+        def original(event: Any, *args: Any) -> None:
+            if instance_emit is not None:
+                instance_emit(event, *args)
+            elif (owner := session_ref()) is not None:
+                class_emit(owner, event, *args)
 
         def emit(event: Any, *args: Any) -> None:
             at = time.time()  # before LiveKit's listeners run: arrival, not their run time
@@ -383,7 +387,9 @@ class InstrumentHandle:
         )
 
     def _track_speech(self, handle: Any) -> None:
-        self._speech_handles[handle.id] = handle
+        # not weak-referenceable: no link to LiveKit's span for this reply, nothing else lost
+        with contextlib.suppress(TypeError):
+            self._speech_handles[handle.id] = weakref.ref(handle)
         while len(self._speech_handles) > _MAX_TRACKED_HANDLES:
             self._speech_handles.popitem(last=False)
         handle_ref = weakref.ref(self)
@@ -441,8 +447,8 @@ class InstrumentHandle:
 
     def _livekit_span(self, speech_id: str | None) -> SpanContext | None:
         """LiveKit's own `agent_turn` span for this reply, when its telemetry is on."""
-        handle = self._speech_handles.get(speech_id) if speech_id else None
-        ctx = getattr(handle, "_agent_turn_context", None)
+        handle_ref = self._speech_handles.get(speech_id) if speech_id else None
+        ctx = getattr(handle_ref() if handle_ref is not None else None, "_agent_turn_context", None)
         if ctx is None:
             return None
         try:

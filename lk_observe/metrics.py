@@ -155,6 +155,7 @@ class LatencyMetrics:
             ["agent", "component"],
             registry=registry,
         )
+        self._overrun_children: dict[tuple[str, str], Counter] = {}
         self.label_overflow = Counter(
             "voice_agent_label_overflow_total",
             "Label values folded into 'other' by the cardinality guard, or dropped",
@@ -214,7 +215,7 @@ class LatencyMetrics:
                 counter.inc(1, exemplar)
         for component in turn.budget_overruns_ms:
             if component in COMPONENTS:
-                self.budget_overruns.labels(agent=series.agent, component=component).inc()
+                self._overrun_child(series.agent, component).inc()
 
     def export_components(self, agent: str, components: Iterable[str]) -> None:
         """Export these latency series at zero now: Prometheus cannot see the increase of a
@@ -258,6 +259,15 @@ class LatencyMetrics:
         """Count failures of a sink; `amount` for batches (e.g. spans lost in one export)."""
         if amount > 0 and math.isfinite(amount):
             self.sink_failures.labels(sink=self._sinks.resolve(sink)).inc(amount)
+
+    def _overrun_child(self, agent: str, component: str) -> Counter:
+        key = (agent, component)
+        child = self._overrun_children.get(key)
+        if child is None:  # .labels() takes a lock and validates: bind once per label set
+            child = self._overrun_children[key] = self.budget_overruns.labels(
+                agent=agent, component=component
+            )
+        return child
 
     def budget_overrun(self, agent: str, component: str) -> None:
         if component not in COMPONENTS:

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 ReadinessCheck = Callable[[], Awaitable[bool]]
 
 DEFAULT_CHECK_TIMEOUT_S = 2.0
+MAX_CONCURRENT_SCRAPES = 4  # more are refused at once: slow renders cannot pile up
+# uvicorn counts idle keep-alive connections against this; the work itself is bounded per
+# endpoint (scrapes above, readiness checks by their timeout), so keep it well above both
+DEFAULT_CONNECTION_LIMIT = 256
 _STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 # The page loads only its own files and talks only to this app.
 _PAGE_CSP = (
@@ -90,8 +94,13 @@ def _builtin_checks() -> dict[str, ReadinessCheck]:
 
 
 async def _run_check(check: ReadinessCheck) -> bool:
-    result: object = check()
-    if inspect.isawaitable(result):  # tolerate a plain function returning bool
+    if inspect.iscoroutinefunction(check) or inspect.iscoroutinefunction(
+        getattr(check, "__call__", None)  # noqa: B004 - an instance with an async __call__
+    ):
+        return bool(await check())
+    # a plain function may block: run it in a thread so the timeout applies and the loop stays free
+    result: object = await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+    if inspect.isawaitable(result):
         result = await result
     return bool(result)
 
@@ -155,6 +164,8 @@ def create_app(
     app.state.recent = the_recent
     app.state.snapshot_reader = None  # made on first use in multiprocess mode
 
+    scrape_slots = anyio.CapacityLimiter(MAX_CONCURRENT_SCRAPES)
+
     @app.get("/health")
     async def health() -> JSONResponse:
         return _json({"status": "ok"})
@@ -173,8 +184,19 @@ def create_app(
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         openmetrics = _wants_openmetrics(request.headers.get("accept", ""))
-        # generate_latest takes milliseconds per label set: keep it off the event loop
-        body, content_type = await anyio.to_thread.run_sync(render_metrics, registry, openmetrics)
+        if scrape_slots.borrowed_tokens >= scrape_slots.total_tokens:
+            # answer at once: queued slow scrapes would use up the connections /health needs
+            return Response(
+                "too many concurrent scrapes\n",
+                status_code=503,
+                headers={"Retry-After": "1"},
+                media_type="text/plain",
+            )
+        async with scrape_slots:
+            # generate_latest takes milliseconds per label set: keep it off the event loop
+            body, content_type = await anyio.to_thread.run_sync(
+                render_metrics, registry, openmetrics
+            )
         return Response(body, media_type=content_type)
 
     def snapshot_reader() -> SnapshotReader | None:
@@ -254,7 +276,7 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 8080,
         *,
-        limit_concurrency: int = 32,
+        limit_concurrency: int = DEFAULT_CONNECTION_LIMIT,
         timeout_keep_alive: int = 5,
     ) -> None:
         # Bind here so port=0 has a real port before start() returns, and errors raise here.
@@ -320,7 +342,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8080,
     *,
-    limit_concurrency: int = 32,
+    limit_concurrency: int = DEFAULT_CONNECTION_LIMIT,
     **app_kwargs: Any,
 ) -> Server:
     """Start the ops app in the background (loopback by default); stop it with server.stop()."""

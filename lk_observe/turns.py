@@ -139,6 +139,8 @@ class TurnAssembler:
         self._seen_items: OrderedDict[str, None] = OrderedDict()
         self._vad: tuple[float, float] | None = None  # (back-dated speech end, decision time)
         self._agent_turns: set[str] = set()  # speeches that answer no user turn (greetings)
+        # replies with a turn not yet emitted (usually 0 or 1): what expire() has to look at
+        self._pending: dict[str, _Speech] = {}
         self._closed = False
 
     # -- inputs -------------------------------------------------------------------------------
@@ -184,6 +186,7 @@ class TurnAssembler:
             speech = self._speech(speech_id)
             if speech.turn is None and not speech.emitted:
                 speech.turn = turn
+                self._pending[speech.speech_id] = speech
             else:
                 self.skipped["speech_already_answered"] += 1
         else:
@@ -213,6 +216,7 @@ class TurnAssembler:
             speech.tts_stage = self._checked_stage("tts_ttfb", end - ttfb, end)
         if speech.turn is None:
             speech.turn = _PendingTurn(self._take_index(), start, {}, at, spoken=False)
+            self._pending[speech_id] = speech
             self._agent_turns.add(speech_id)
         return self._try_finish(speech, at) + self.expire(at)
 
@@ -283,17 +287,16 @@ class TurnAssembler:
 
     def user_barge_in(self, at: float) -> None:
         """The user started speaking: a reply that has not started playing is being talked over."""
-        for speech in self._speeches.values():
-            if speech.turn is not None and speech.first_audio_at is None and not speech.emitted:
+        for speech in self._pending.values():
+            if speech.first_audio_at is None:
                 speech.interrupted = True
 
     def expire(self, now: float) -> list[Turn]:
         """Finish replies that waited too long for a late figure; callers tick this on a timer."""
         out: list[Turn] = []
-        for speech in list(self._speeches.values()):
-            if speech.emitted or speech.turn is None:
-                continue
-            since = speech.first_audio_at if speech.first_audio_at is not None else None
+        for speech in list(self._pending.values()):
+            assert speech.turn is not None  # pending means a turn waits for this reply
+            since = speech.first_audio_at
             if since is not None and now - since >= self.max_wait_s:
                 out += self._finish(speech)
             elif since is None and now - speech.turn.committed_at >= MAX_LATENCY_S:
@@ -304,23 +307,19 @@ class TurnAssembler:
     def close(self, at: float) -> list[Turn]:
         """Session closed: finish everything pending with what was measured."""
         out: list[Turn] = []
-        for speech in list(self._speeches.values()):
-            if not speech.emitted and speech.turn is not None:
-                out += self._finish(speech)
+        for speech in list(self._pending.values()):
+            out += self._finish(speech)
         self._closed = True
         return out
 
     @property
     def pending(self) -> int:
-        return sum(1 for s in self._speeches.values() if s.turn is not None and not s.emitted)
+        return len(self._pending)
 
     # -- internals ----------------------------------------------------------------------------
 
     def _reply_in_flight(self) -> _Speech | None:
-        for speech in reversed(self._speeches.values()):
-            if speech.turn is not None and not speech.emitted:
-                return speech
-        return None
+        return next(reversed(self._pending.values()), None)
 
     def _take_index(self) -> int:
         index, self._next_index = self._next_index, self._next_index + 1
@@ -340,9 +339,9 @@ class TurnAssembler:
         if speech is None:
             speech = self._speeches[speech_id] = _Speech(speech_id)
             while len(self._speeches) > MAX_TRACKED_SPEECHES:
-                old_id, old = self._speeches.popitem(last=False)
+                old_id, _ = self._speeches.popitem(last=False)
                 self._agent_turns.discard(old_id)
-                if old.turn is not None and not old.emitted:
+                if self._pending.pop(old_id, None) is not None:
                     self.skipped["evicted_unfinished_reply"] += 1
         return speech
 
@@ -399,8 +398,8 @@ class TurnAssembler:
     def _abandon_unanswered(self, at: float) -> list[Turn]:
         """A new user turn while an older one never got audio: the user moved on."""
         out: list[Turn] = []
-        for speech in list(self._speeches.values()):
-            if speech.turn is not None and not speech.emitted and speech.first_audio_at is None:
+        for speech in list(self._pending.values()):
+            if speech.first_audio_at is None:
                 if speech.speech_id not in self._agent_turns:
                     speech.interrupted = True
                 out += self._finish(speech)
@@ -422,6 +421,7 @@ class TurnAssembler:
         pending = speech.turn
         assert pending is not None
         speech.emitted = True
+        self._pending.pop(speech.speech_id, None)
         is_agent_turn = speech.speech_id in self._agent_turns
         stages = dict(pending.stages)
         if speech.first_audio_at is not None and not is_agent_turn and pending.spoken:

@@ -20,7 +20,8 @@ def _load(name: str):  # type: ignore[no-untyped-def]
 
 def test_turn_overhead_benchmark_reports_every_variant_and_emits_every_turn() -> None:
     results = _load("bench_turn_overhead").main(["--turns", "50"])
-    assert set(results) == {"baseline", "naive listeners (no work)", "lk_observe"}
+    variants = {"baseline", "naive listeners (no work)", "lk_observe"}
+    assert set(results) == {f"{v}, {m}" for v in variants for m in ("paced", "back to back")}
     assert all(seconds > 0 for seconds in results.values())
 
 

@@ -4,7 +4,7 @@ A reduced run of benchmarks/bench_soak.py (the benchmark does 100k turns) assert
 invariants: every turn fed comes out exactly once (on_turn, Prometheus, the monitor, a span),
 memory and /metrics stay flat, agent names past the cardinality limit fold into "other", and
 a closed session leaves nothing behind (no instance emit, no marker, no task, no timer, no
-reference that keeps it alive). Plus the two leaks the soak found, pinned as strict xfails.
+reference that keeps it alive). Plus the two leaks the soak found, fixed and pinned.
 """
 
 from __future__ import annotations
@@ -128,12 +128,6 @@ def _feed_one_turn(session: AgentSession[Any]) -> None:
     session._recorded_events.clear()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="instrument.py _SinkWorker._run keeps `job` (a partial of the handle's _run_sinks) "
-    "alive until the next job; the handle's _wrapped_emit closes over session.emit, a bound "
-    "method, so the process's most recent turn pins its AgentSession after close",
-)
 async def test_sink_thread_does_not_pin_the_last_closed_session() -> None:
     session: AgentSession[Any] = AgentSession()
     handle = lk_observe.instrument(
@@ -150,12 +144,6 @@ async def test_sink_thread_does_not_pin_the_last_closed_session() -> None:
     assert session_ref() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="instrument.py _slo_evaluator caches one _ThrottledSLOs per (agent_name, slos) per "
-    "monitor forever (_evaluators[monitor] is never pruned): ever new agent names (a name per "
-    "room) grow memory without bound on the process-wide default monitor",
-)
 async def test_slo_evaluators_stay_bounded_with_ever_new_agent_names() -> None:
     monitor = lk_observe.LatencyMonitor()
     registry = CollectorRegistry()

@@ -103,3 +103,37 @@ def test_demo_prints_live_turns_and_serves_a_page_chromium_renders(tmp_path: Pat
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_demo_exports_spans_over_otlp_when_the_standard_variable_is_set(protocol: str) -> None:
+    from tests.test_dead_collector import _start_collector
+
+    collector = _start_collector("grpc" if protocol == "grpc" else "http", "healthy")
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lk_observe.cli",
+                "demo",
+                "--turns=2",
+                "--port=-1",
+                "--no-spans",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={
+                **os.environ,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+                "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+                "OTEL_SERVICE_NAME": "demo-under-test",
+            },
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "exporting spans over OTLP" in result.stdout
+        # the greeting and both user turns arrive before the demo exits (bounded shutdown)
+        assert sorted(collector.turn_indices) == [1, 2, 3]
+    finally:
+        collector.close()

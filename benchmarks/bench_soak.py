@@ -32,18 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livekit.agents import AgentSession
-from livekit.agents.llm import ChatMessage
-from livekit.agents.metrics import LLMMetrics
 from livekit.agents.voice.events import (
-    AgentStateChangedEvent,
     CloseEvent,
     CloseReason,
-    ConversationItemAddedEvent,
-    MetricsCollectedEvent,
-    SpeechCreatedEvent,
-    UserStateChangedEvent,
 )
-from livekit.agents.voice.speech_handle import SpeechHandle
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry
@@ -51,6 +43,7 @@ from prometheus_client import CollectorRegistry
 import lk_observe
 from lk_observe.instrument import InstrumentHandle
 from lk_observe.metrics import OTHER, render_metrics
+from lk_observe.simulation import RecordedEvent, emit_recorded, recorded_turn
 from lk_observe.turns import tier_for
 
 MARKER = "_lk_observe_handle"
@@ -84,85 +77,11 @@ class DiscardExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-class _Activity:
-    """What `AgentSession.current_speech` reads (`session._activity.current_speech`)."""
-
-    __slots__ = ("current_speech",)
-
-    def __init__(self, speech: SpeechHandle | None) -> None:
-        self.current_speech = speech
-
-
-Event = tuple[str, Any, SpeechHandle | None, dict[str, float] | None]
+Event = RecordedEvent
 
 
 def turn_events(e2e_s: float) -> list[Event]:
-    """One user turn as LiveKit 1.8 emits it; (name, event, current speech, early metrics)."""
-    t0 = time.time() - 0.2  # the user stopped speaking a moment ago
-    handle = SpeechHandle.create()
-    metrics = {
-        "stopped_speaking_at": t0,
-        "transcription_delay": 0.151,
-        "end_of_turn_delay": 0.251,
-    }
-    item = ChatMessage(role="user", content=["(text)"], metrics=metrics)  # type: ignore[typeddict-item]
-    early = {"llm_node_ttft": 0.251, "tts_node_ttfb": 0.061, "playback_latency": 0.00001}
-    llm = LLMMetrics(
-        label="soak",
-        request_id="r",
-        timestamp=t0 + e2e_s + 0.2,
-        duration=0.45,
-        ttft=0.251,
-        cancelled=False,
-        completion_tokens=12,
-        prompt_tokens=48,
-        prompt_cached_tokens=0,
-        total_tokens=60,
-        tokens_per_second=30.0,
-        speech_id=handle.id,
-    )
-    return [
-        (
-            "user_state_changed",
-            UserStateChangedEvent(old_state="listening", new_state="speaking"),
-            None,
-            None,
-        ),
-        (
-            "speech_created",
-            SpeechCreatedEvent(user_initiated=False, source="generate_reply", speech_handle=handle),
-            None,
-            None,
-        ),
-        (
-            "user_state_changed",
-            UserStateChangedEvent(old_state="speaking", new_state="listening", created_at=t0),
-            None,
-            None,
-        ),
-        ("conversation_item_added", ConversationItemAddedEvent(item=item), handle, None),
-        (
-            "agent_state_changed",
-            AgentStateChangedEvent(old_state="listening", new_state="thinking"),
-            None,
-            None,
-        ),
-        (
-            "agent_state_changed",
-            AgentStateChangedEvent(
-                old_state="thinking", new_state="speaking", created_at=t0 + e2e_s
-            ),
-            handle,
-            early,
-        ),
-        ("metrics_collected", MetricsCollectedEvent(metrics=llm), None, None),
-        (
-            "agent_state_changed",
-            AgentStateChangedEvent(old_state="speaking", new_state="listening"),
-            None,
-            None,
-        ),
-    ]
+    return recorded_turn(e2e_s, label="soak")
 
 
 def rss_kb() -> int:
@@ -387,13 +306,9 @@ class Soak:
             if not call.events:
                 self.finished_turns += 1
                 return True
-        name, ev, current, early = call.events[call.pos]
         session = call.session
-        if current is not None:
-            session._activity = _Activity(current)  # type: ignore[assignment]
-            if early is not None:
-                session._early_assistant_metrics = early  # type: ignore[attr-defined]
-        session.emit(name, ev)
+        ev = call.events[call.pos][1]
+        emit_recorded(session, call.events[call.pos])
         call.pos += 1
         if call.pos == ITEM_EVENT + 1:
             self.result.turns_committed += 1
@@ -537,12 +452,8 @@ async def _baseline(turns: int) -> float:
     session: AgentSession[Any] = AgentSession()
     start = time.perf_counter()
     for i in range(turns):
-        for name, ev, current, early in turn_events(E2E_CYCLE_S[i % len(E2E_CYCLE_S)]):
-            if current is not None:
-                session._activity = _Activity(current)  # type: ignore[assignment]
-                if early is not None:
-                    session._early_assistant_metrics = early  # type: ignore[attr-defined]
-            session.emit(name, ev)
+        for event in turn_events(E2E_CYCLE_S[i % len(E2E_CYCLE_S)]):
+            emit_recorded(session, event)
         session._recorded_events.clear()
     return (time.perf_counter() - start) / turns * 1000
 

@@ -14,25 +14,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 from livekit.agents import AgentSession
-from livekit.agents.llm import ChatMessage
-from livekit.agents.metrics import LLMMetrics
-from livekit.agents.voice.events import (
-    AgentStateChangedEvent,
-    ConversationItemAddedEvent,
-    MetricsCollectedEvent,
-    SpeechCreatedEvent,
-    UserStateChangedEvent,
-)
-from livekit.agents.voice.speech_handle import SpeechHandle
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry
 
 import lk_observe
+from lk_observe.simulation import RecordedEvent, emit_recorded, recorded_turn
 
 
 class _DiscardExporter(SpanExporter):
@@ -42,70 +32,7 @@ class _DiscardExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def _turn_events(t0: float) -> list[tuple[str, Any, Callable[[], Any] | None]]:
-    handle = SpeechHandle.create()
-    metrics = {
-        "stopped_speaking_at": t0 + 0.0,
-        "transcription_delay": 0.151,
-        "end_of_turn_delay": 0.251,
-    }
-    item = ChatMessage(role="user", content=["(text)"], metrics=metrics)  # type: ignore[typeddict-item]
-    early = {"llm_node_ttft": 0.251, "tts_node_ttfb": 0.061, "playback_latency": 0.00001}
-    llm = LLMMetrics(
-        label="bench",
-        request_id="r",
-        timestamp=t0 + 0.7,
-        duration=0.45,
-        ttft=0.251,
-        cancelled=False,
-        completion_tokens=12,
-        prompt_tokens=48,
-        prompt_cached_tokens=0,
-        total_tokens=60,
-        tokens_per_second=30.0,
-        speech_id=handle.id,
-    )
-    return [
-        (
-            "user_state_changed",
-            UserStateChangedEvent(old_state="listening", new_state="speaking"),
-            None,
-        ),
-        (
-            "speech_created",
-            SpeechCreatedEvent(user_initiated=False, source="generate_reply", speech_handle=handle),
-            None,
-        ),
-        (
-            "user_state_changed",
-            UserStateChangedEvent(old_state="speaking", new_state="listening", created_at=t0),
-            None,
-        ),
-        ("conversation_item_added", ConversationItemAddedEvent(item=item), lambda: handle),
-        (
-            "agent_state_changed",
-            AgentStateChangedEvent(old_state="listening", new_state="thinking"),
-            None,
-        ),
-        (
-            "agent_state_changed",
-            AgentStateChangedEvent(
-                old_state="thinking", new_state="speaking", created_at=t0 + 0.47
-            ),
-            lambda: (handle, early),
-        ),
-        ("metrics_collected", MetricsCollectedEvent(metrics=llm), None),
-        (
-            "agent_state_changed",
-            AgentStateChangedEvent(old_state="speaking", new_state="listening"),
-            None,
-        ),
-    ]
-
-
-def _replay(
-    session: AgentSession, turns: list[list[tuple[str, Any, Any]]], *, paced: bool
-) -> float:
+def _replay(session: AgentSession, turns: list[list[RecordedEvent]], *, paced: bool) -> float:
     """CPU seconds (all threads) to play `turns`. Paced: each turn's sink work finishes before
     the next turn starts, as in a real call (turns are seconds apart); unpaced: back to back,
     the sink thread and the loop contending for the GIL the whole time (a worst case)."""
@@ -113,14 +40,9 @@ def _replay(
     for events in turns:
         if paced:
             lk_observe.flush(30.0)
-        for name, ev, current in events:
-            if current is not None:
-                value = current()
-                handle = value[0] if isinstance(value, tuple) else value
-                session._activity = type("A", (), {"current_speech": handle})()  # type: ignore[assignment]
-                if isinstance(value, tuple):
-                    session._early_assistant_metrics = value[1]  # type: ignore[attr-defined]
-            session.emit(name, ev)
+        for event in events:
+            emit_recorded(session, event)
+        session._recorded_events.clear()  # LiveKit keeps every event of a session: not ours
     lk_observe.flush(30.0)
     return time.process_time() - start
 
@@ -147,13 +69,12 @@ def run(turns: int) -> dict[str, float]:
     provider.add_span_processor(BatchSpanProcessor(_DiscardExporter(), max_queue_size=65536))
     for paced in (True, False):
         mode = "paced" if paced else "back to back"
-        now = time.time()  # each pass is new to the assembler: fresh handles, current clock
         results[f"baseline, {mode}"] = _replay(
-            AgentSession(), [_turn_events(now + i * 0.001) for i in range(turns)], paced=paced
+            AgentSession(), [recorded_turn() for _ in range(turns)], paced=paced
         )
         results[f"naive listeners (no work), {mode}"] = _replay(
             _listening_session(),
-            [_turn_events(now + i * 0.001) for i in range(turns)],
+            [recorded_turn() for _ in range(turns)],
             paced=paced,
         )
         session = AgentSession()
@@ -164,7 +85,7 @@ def run(turns: int) -> dict[str, float]:
             monitor=lk_observe.LatencyMonitor(),
         )
         results[f"lk_observe, {mode}"] = _replay(
-            session, [_turn_events(now + i * 0.001) for i in range(turns)], paced=paced
+            session, [recorded_turn() for _ in range(turns)], paced=paced
         )
         assert handle.turns_emitted == turns, (handle.turns_emitted, turns, handle.skipped)
         handle.uninstrument()

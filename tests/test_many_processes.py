@@ -60,12 +60,10 @@ def _load_bench() -> ModuleType:
 
 
 def _feed(bench: ModuleType, session: Any, events: list[Any]) -> None:
-    for name, ev, current, early in events:
-        if current is not None:
-            session._activity = bench._Activity(current)
-            if early is not None:
-                session._early_assistant_metrics = early
-        session.emit(name, ev)
+    from lk_observe.simulation import emit_recorded
+
+    for event in events:
+        emit_recorded(session, event)
 
 
 async def _child(conn: Connection, agents: list[str], seed: int, flood: bool) -> None:

@@ -199,6 +199,8 @@ class InstrumentHandle:
     def _attach(self, session: Any) -> None:
         session.emit = self._wrapped_emit  # instance attribute shadows AgentSession.emit
         setattr(session, _MARKER, self)
+        with contextlib.suppress(RuntimeError):  # instrumented before the loop runs: set later
+            self._loop = asyncio.get_running_loop()
         self._flush_on_job_exit()
         self.metrics.session_started(self.agent_name)
         self.metrics.export_components(self.agent_name, {slo.component for slo in self.slos})

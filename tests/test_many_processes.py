@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import ModuleType
@@ -110,22 +109,7 @@ def child_entry(conn: Connection, agents: list[str], seed: int, flood: bool) -> 
     asyncio.run(_child(conn, agents, seed, flood))
 
 
-# -- runs in the test process -------------------------------------------------------------------
-
-
-def _stop_forkserver() -> None:
-    # see tests/test_multiprocess.py: the forkserver inherits the environment it started with
-    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    directory = tmp_path / "prometheus"
-    directory.mkdir()
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
-    _stop_forkserver()
-    yield directory
-    _stop_forkserver()
+# -- runs in the test process ----------------------------------------------------------------
 
 
 def samples(text: str) -> Samples:

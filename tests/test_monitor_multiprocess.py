@@ -10,24 +10,20 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from livekit.agents.ipc.proc_pool import ProcPool
 from livekit.agents.job import (
     JobAcceptArguments,
     JobContext,
-    JobExecutorType,
     JobProcess,
     RunningJobInfo,
 )
@@ -51,6 +47,7 @@ from lk_observe.monitor import (
 from lk_observe.server import Server, serve
 from lk_observe.slo import DEFAULT_SLOS, evaluate
 from lk_observe.turns import Turn, tier_for
+from tests.jobprocs import livekit_proc_pool
 
 MAX_RELATIVE_ERROR = 0.01  # the monitor's contract, kept by the merge
 EDGES_MS = [edge * 1000.0 for edge in LATENCY_BUCKETS_S]
@@ -512,19 +509,7 @@ async def job_entrypoint(ctx: JobContext) -> None:
     # returning keeps the job alive (LiveKit waits for shutdown), like a call in progress
 
 
-def _stop_forkserver() -> None:
-    # job processes must see PROMETHEUS_MULTIPROC_DIR: a fresh forkserver inherits it
-    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    directory = tmp_path / "prometheus"
-    directory.mkdir()
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
-    _stop_forkserver()
-    yield directory
-    _stop_forkserver()
+# -- runs in the test process ----------------------------------------------------------------
 
 
 def running_job(job_id: str, spec: tuple[str, list[float]]) -> RunningJobInfo:
@@ -611,23 +596,7 @@ def assert_exact(found: dict[str, Any], jobs: list[str]) -> None:
 
 @pytest.mark.timeout(240)
 async def test_ops_app_latency_and_slos_cover_every_job_process(multiproc_dir: Path) -> None:
-    pool = ProcPool(
-        initialize_process_fnc=prewarm,
-        job_entrypoint_fnc=job_entrypoint,
-        session_end_fnc=None,
-        simulation_end_fnc=None,
-        num_idle_processes=len(JOBS),
-        initialize_timeout=90.0,
-        close_timeout=20.0,
-        session_end_timeout=5.0,
-        inference_executor=None,
-        job_executor_type=JobExecutorType.PROCESS,
-        mp_ctx=multiprocessing.get_context("forkserver"),  # LiveKit's default on Linux
-        memory_warn_mb=0,
-        memory_limit_mb=0,
-        http_proxy=None,
-        loop=asyncio.get_running_loop(),
-    )
+    pool = livekit_proc_pool(prewarm, job_entrypoint, len(JOBS))
     # the worker's main process: its own monitor sees no turns
     server: Server = serve(
         port=0, monitor=LatencyMonitor(), registry=CollectorRegistry(), recent=RecentTurns()

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from livekit.agents.ipc.proc_pool import ProcPool
 from livekit.agents.job import (
     JobAcceptArguments,
     JobContext,
-    JobExecutorType,
     JobProcess,
     RunningJobInfo,
 )
@@ -36,6 +31,7 @@ from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor
 from lk_observe.server import Server, serve
 from lk_observe.turns import Turn, tier_for
+from tests.jobprocs import livekit_proc_pool
 
 # job id -> (agent, e2e latencies in ms of the turns that job observes)
 JOBS: dict[str, tuple[str, list[float]]] = {
@@ -79,24 +75,7 @@ async def job_entrypoint(ctx: JobContext) -> None:
     # returning keeps the job alive (LiveKit waits for shutdown), like a call in progress
 
 
-# -- runs in the test process -------------------------------------------------------------------
-
-
-def _stop_forkserver() -> None:
-    # The forkserver is one per process and inherits the environment it started with: a fresh
-    # one is needed for job processes to see PROMETHEUS_MULTIPROC_DIR (LiveKit's worker sets the
-    # variable before its pool starts the forkserver, for the same reason).
-    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    directory = tmp_path / "prometheus"
-    directory.mkdir()
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
-    _stop_forkserver()
-    yield directory
-    _stop_forkserver()  # later tests must not inherit a forkserver that has the variable set
+# -- runs in the test process ----------------------------------------------------------------
 
 
 def live_gauge_files(directory: Path) -> list[Path]:
@@ -192,23 +171,7 @@ def assert_counts_are_the_sum_of_every_job(
 
 @pytest.mark.timeout(240)
 async def test_one_metrics_endpoint_aggregates_every_job_process(multiproc_dir: Path) -> None:
-    pool = ProcPool(
-        initialize_process_fnc=prewarm,
-        job_entrypoint_fnc=job_entrypoint,
-        session_end_fnc=None,
-        simulation_end_fnc=None,
-        num_idle_processes=len(JOBS),
-        initialize_timeout=90.0,
-        close_timeout=20.0,
-        session_end_timeout=5.0,
-        inference_executor=None,
-        job_executor_type=JobExecutorType.PROCESS,
-        mp_ctx=multiprocessing.get_context("forkserver"),  # LiveKit's default on Linux
-        memory_warn_mb=0,
-        memory_limit_mb=0,
-        http_proxy=None,
-        loop=asyncio.get_running_loop(),
-    )
+    pool = livekit_proc_pool(prewarm, job_entrypoint, len(JOBS))
     # registry= is ignored in multiprocess mode: /metrics merges the processes' files
     server: Server = serve(port=0, monitor=LatencyMonitor(), registry=CollectorRegistry())
     try:

@@ -1,0 +1,5 @@
+"""Fixtures shared by several test modules."""
+
+from tests.jobprocs import multiproc_dir
+
+__all__ = ["multiproc_dir"]

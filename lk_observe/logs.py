@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, MutableMapping
+import threading
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -236,30 +237,44 @@ class TurnLogger:
         )
 
 
-_default_logger: TurnLogger | None = None
+class _DefaultTurnLogger:
+    """The turn sink instrument() installs, deciding per event where it goes: through the app's
+    structlog configuration when there is one (also if the app configures it later), otherwise
+    as JSON to the stdlib logger "lk_observe.turns", so the app's levels and handlers decide
+    (nothing is printed by default, and nothing is built when INFO is off there)."""
 
+    def __init__(self) -> None:
+        self._stdlib = logging.getLogger("lk_observe.turns")
+        self._via_structlog = TurnLogger()
+        self._via_stdlib = TurnLogger(
+            logger=structlog.wrap_logger(
+                self._stdlib,
+                processors=[
+                    structlog.stdlib.filter_by_level,
+                    structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    redact_pii,
+                    structlog.processors.JSONRenderer(),
+                ],
+                wrapper_class=structlog.stdlib.BoundLogger,
+            ),
+        )
 
-def default_turn_logger() -> TurnLogger:
-    """The turn sink instrument() installs. With structlog configured by the app, events go
-    through that configuration; otherwise they go to the stdlib logger "lk_observe.turns" as
-    JSON, so the app's logging levels and handlers decide (nothing is printed by default)."""
-    global _default_logger
-    if _default_logger is None:
+    def __call__(self, turn: Turn) -> None:
         if structlog.is_configured():
-            _default_logger = TurnLogger()
-        else:
-            stdlib = logging.getLogger("lk_observe.turns")
-            _default_logger = TurnLogger(
-                structlog.wrap_logger(
-                    stdlib,
-                    processors=[
-                        structlog.stdlib.filter_by_level,
-                        structlog.processors.add_log_level,
-                        structlog.processors.TimeStamper(fmt="iso", utc=True),
-                        redact_pii,
-                        structlog.processors.JSONRenderer(),
-                    ],
-                    wrapper_class=structlog.stdlib.BoundLogger,
-                )
-            )
-    return _default_logger
+            self._via_structlog(turn)
+        elif self._stdlib.isEnabledFor(logging.INFO):
+            self._via_stdlib(turn)
+
+
+_default_logger: _DefaultTurnLogger | None = None
+_default_logger_lock = threading.Lock()
+
+
+def default_turn_logger() -> Callable[[Turn], None]:
+    """The process-wide turn log sink that instrument() installs (see _DefaultTurnLogger)."""
+    global _default_logger
+    with _default_logger_lock:
+        if _default_logger is None:
+            _default_logger = _DefaultTurnLogger()
+        return _default_logger

@@ -8,6 +8,7 @@ import json
 import logging
 
 import pytest
+import structlog
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -31,6 +32,9 @@ def played() -> tuple[list[lk_observe.Turn], CollectorRegistry, InMemorySpanExpo
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record.getMessage())
 
+    # an app without structlog configuration (structlog.testing.capture_logs, used by other
+    # modules, leaves structlog marked configured)
+    structlog.reset_defaults()
     turns_logger = logging.getLogger("lk_observe.turns")
     handler = Collect(level=logging.INFO)
     turns_logger.addHandler(handler)
@@ -124,3 +128,16 @@ def test_no_id_like_label_anywhere(played) -> None:  # type: ignore[no-untyped-d
             assert set(sample.labels) <= allowed, (sample.name, sample.labels)
             for value in sample.labels.values():
                 assert not id_like.search(value) and value not in ids, (sample.name, value)
+
+
+def test_default_turn_log_goes_through_the_apps_structlog_once_configured(played) -> None:  # type: ignore[no-untyped-def]
+    from structlog.testing import capture_logs
+
+    from lk_observe.logs import default_turn_logger
+
+    turns = played[0]
+    with capture_logs() as logs:  # configures structlog, as an app would (even after instrument)
+        default_turn_logger()(turns[0])
+    assert [entry["event"] for entry in logs] == ["voice.turn"]
+    assert logs[0]["trace_id"] == f"{turns[0].trace_id:032x}"
+    structlog.reset_defaults()

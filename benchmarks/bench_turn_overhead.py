@@ -93,9 +93,15 @@ def run(turns: int) -> dict[str, float]:
     return results
 
 
+TARGET_MS_PER_TURN = 0.2  # the project's target for the whole add-on, OTel SDK included
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--turns", type=int, default=2000)
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when lk_observe adds more than the target"
+    )
     args = parser.parse_args(argv)
     asyncio.set_event_loop(asyncio.new_event_loop())
     results = run(args.turns)
@@ -105,6 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         per_turn = seconds / args.turns * 1000
         added = (seconds - base) / args.turns * 1000
         print(f"{name:<40} {per_turn:>12.4f} {added:>14.4f} {seconds / base:>10.1f}x")
+    added_paced = (results["lk_observe, paced"] - results["baseline, paced"]) / args.turns * 1000
+    verdict = "within" if added_paced <= TARGET_MS_PER_TURN else "ABOVE"
+    print(
+        f"lk_observe adds {added_paced:.3f} ms/turn (paced): {verdict} the "
+        f"{TARGET_MS_PER_TURN} ms target"
+    )
+    if args.check and added_paced > TARGET_MS_PER_TURN:
+        raise SystemExit(1)
     return results
 
 

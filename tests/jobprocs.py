@@ -13,6 +13,18 @@ import pytest
 from livekit.agents.ipc.proc_pool import ProcPool
 from livekit.agents.job import JobExecutorType
 
+# job id -> (agent, e2e latencies in ms of the turns that job observes)
+JOBS: dict[str, tuple[str, list[float]]] = {
+    "job-a": ("support", [300.0, 450.0, 700.0]),
+    "job-b": ("support", [820.0, 640.0, 310.0, 990.0, 505.0]),
+    "job-c": ("sales", [250.0, 480.0, 799.0, 800.0, 1500.0, 620.0, 410.0]),
+}
+KILLED = "job-b"  # the job the tests SIGKILL mid-call
+
+
+def prewarm(proc: Any) -> None:
+    """LiveKit's per-process setup hook; nothing to warm here."""
+
 
 def stop_forkserver() -> None:
     # The forkserver is one per process and inherits the environment it started with: a fresh

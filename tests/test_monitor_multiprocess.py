@@ -24,7 +24,6 @@ import pytest
 from livekit.agents.job import (
     JobAcceptArguments,
     JobContext,
-    JobProcess,
     RunningJobInfo,
 )
 from livekit.protocol import agent, models
@@ -47,27 +46,11 @@ from lk_observe.monitor import (
 from lk_observe.server import Server, serve
 from lk_observe.slo import DEFAULT_SLOS, evaluate
 from lk_observe.turns import Turn, tier_for
-from tests.jobprocs import livekit_proc_pool
+from tests.jobprocs import JOBS, KILLED, livekit_proc_pool, prewarm
+from tests.test_monitor import FakeClock, exact_quantile
 
 MAX_RELATIVE_ERROR = 0.01  # the monitor's contract, kept by the merge
 EDGES_MS = [edge * 1000.0 for edge in LATENCY_BUCKETS_S]
-
-
-class FakeClock:
-    def __init__(self, now: float = 10_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def exact_quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    h = (len(ordered) - 1) * q
-    k = math.floor(h)
-    if k + 1 >= len(ordered):
-        return ordered[k]
-    return ordered[k] + (h - k) * (ordered[k + 1] - ordered[k])
 
 
 def roundtrip(monitor: LatencyMonitor) -> Any:
@@ -103,7 +86,7 @@ def dead_pid() -> int:
 @pytest.mark.parametrize("seed", range(4))
 def test_merged_percentiles_equal_one_monitor_fed_every_sample(seed: int) -> None:
     rng = random.Random(seed)
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     parts = [LatencyMonitor(clock=clock) for _ in range(3)]
     single = LatencyMonitor(clock=clock)
     values: dict[str, list[float]] = {"support": [], "sales": []}
@@ -146,14 +129,14 @@ def test_merged_percentiles_equal_one_monitor_fed_every_sample(seed: int) -> Non
 
 
 def test_a_merged_view_is_read_only() -> None:
-    merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock()))
+    merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock(10_000.0)))
     merged.record("e2e", 100.0)
     assert merged.get_stats("e2e")["count"] == 0
     assert merged.skipped == {"read_only": 1}
 
 
 def test_expired_slices_leave_the_merged_window_like_in_one_monitor() -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     writer, single = LatencyMonitor(clock=clock), LatencyMonitor(clock=clock)
     for second in range(300):
         clock.now += 1.0
@@ -183,7 +166,7 @@ def test_slices_from_another_clock_are_refused_whole() -> None:
 
 
 def _valid_state() -> dict[str, Any]:
-    monitor = LatencyMonitor(clock=FakeClock())
+    monitor = LatencyMonitor(clock=FakeClock(10_000.0))
     for value in (120.0, 480.0, 800.0):
         monitor.record("e2e", value, agent="support")
     state: dict[str, Any] = roundtrip(monitor)
@@ -222,7 +205,7 @@ def test_bad_snapshots_are_refused_before_changing_anything(name: str) -> None:
     reason, change = BAD_STATES[name]
     state = _valid_state()
     change(state)
-    merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock()))
+    merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock(10_000.0)))
     merged.merge(_valid_state())
     before = merged.get_all_stats()
     with pytest.raises(SnapshotError) as caught:
@@ -235,7 +218,7 @@ def test_bad_snapshots_are_refused_before_changing_anything(name: str) -> None:
 
 
 def test_writer_output_round_trips_through_the_reader(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     job, app_monitor = LatencyMonitor(clock=clock), LatencyMonitor(clock=clock)
     recent = RecentTurns()
     for index, ms in enumerate((300.0, 799.0, 800.0, 801.0), start=1):
@@ -355,7 +338,7 @@ def test_files_read_per_merge_are_bounded(tmp_path: Path) -> None:
 
 
 def test_a_size_capped_snapshot_keeps_the_aggregates(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(10_000.0)
     monitor = LatencyMonitor(clock=clock)
     rng = random.Random(3)
     for _ in range(3_000):
@@ -480,18 +463,6 @@ def test_the_benchmark_runs() -> None:
 
 
 # -- real job processes --------------------------------------------------------------------------
-
-# job id -> (agent, e2e latencies in ms of the turns that job records)
-JOBS: dict[str, tuple[str, list[float]]] = {
-    "job-a": ("support", [300.0, 450.0, 700.0]),
-    "job-b": ("support", [820.0, 640.0, 310.0, 990.0, 505.0]),
-    "job-c": ("sales", [250.0, 480.0, 799.0, 800.0, 1500.0, 620.0, 410.0]),
-}
-KILLED = "job-b"
-
-
-def prewarm(proc: JobProcess) -> None:
-    """LiveKit's per-process setup hook; nothing to warm here."""
 
 
 async def job_entrypoint(ctx: JobContext) -> None:

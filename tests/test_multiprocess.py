@@ -20,7 +20,6 @@ import pytest
 from livekit.agents.job import (
     JobAcceptArguments,
     JobContext,
-    JobProcess,
     RunningJobInfo,
 )
 from livekit.protocol import agent, models
@@ -31,22 +30,9 @@ from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor
 from lk_observe.server import Server, serve
 from lk_observe.turns import Turn, tier_for
-from tests.jobprocs import livekit_proc_pool
-
-# job id -> (agent, e2e latencies in ms of the turns that job observes)
-JOBS: dict[str, tuple[str, list[float]]] = {
-    "job-a": ("support", [300.0, 450.0, 700.0]),
-    "job-b": ("support", [820.0, 640.0, 310.0, 990.0, 505.0]),
-    "job-c": ("sales", [250.0, 480.0, 799.0, 800.0, 1500.0, 620.0, 410.0]),
-}
-KILLED = "job-b"
-
+from tests.jobprocs import JOBS, KILLED, livekit_proc_pool, prewarm
 
 # -- runs in the job processes ------------------------------------------------------------------
-
-
-def prewarm(proc: JobProcess) -> None:
-    """LiveKit's per-process setup hook; nothing to warm here."""
 
 
 async def job_entrypoint(ctx: JobContext) -> None:

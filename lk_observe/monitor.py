@@ -277,27 +277,41 @@ class LatencyMonitor:
             self._skip(reason, component, duration_ms)
             return
         value = float(duration_ms)
-        bucket = bisect.bisect_left(_BOUNDS, value)
         with self._lock:
-            slice_id = self._current_id()
-            aggregate = self._series_for(component, None)
-            if aggregate is None:
-                self._skip_locked("too_many_components", component, value)
-                return
-            aggregate.add(bucket, value, slice_id)
-            if agent is None:
-                return
-            per_agent = self._series_for(component, agent)
-            if per_agent is None:
-                # The aggregate keeps the sample; only the per-agent view loses it.
-                self._skip_locked("too_many_agents", agent, value)
-                return
-            per_agent.add(bucket, value, slice_id)
+            self._record_locked(component, value, agent, self._current_id())
 
     def record_turn(self, turn: Turn) -> None:
         """Record every measured component of a finished turn under the turn's agent."""
+        agent = turn.agent
+        samples: list[tuple[str, float]] = []
         for component, duration_ms in turn.latency_ms.items():
-            self.record(component, duration_ms, agent=turn.agent)
+            reason = self._rejection(component, duration_ms, agent)
+            if reason is not None:
+                self._skip(reason, component, duration_ms)
+            else:
+                samples.append((component, float(duration_ms)))
+        with self._lock:  # one lock and one clock read for the whole turn
+            slice_id = self._current_id()
+            for component, value in samples:
+                self._record_locked(component, value, agent, slice_id)
+
+    def _record_locked(
+        self, component: str, value: float, agent: str | None, slice_id: int
+    ) -> None:
+        bucket = bisect.bisect_left(_BOUNDS, value)
+        aggregate = self._series_for(component, None)
+        if aggregate is None:
+            self._skip_locked("too_many_components", component, value)
+            return
+        aggregate.add(bucket, value, slice_id)
+        if agent is None:
+            return
+        per_agent = self._series_for(component, agent)
+        if per_agent is None:
+            # The aggregate keeps the sample; only the per-agent view loses it.
+            self._skip_locked("too_many_agents", agent, value)
+            return
+        per_agent.add(bucket, value, slice_id)
 
     def get_stats(self, component: str, *, agent: str | None = None) -> dict[str, float | int]:
         """count, mean, median, p95, p99, min, max (ms) over the window; zeros when empty."""
@@ -728,6 +742,11 @@ class MergedMonitor(LatencyMonitor):
     ) -> None:
         """Refused (counted as "read_only"): a view changes only by merging snapshots."""
         self._skip("read_only", component, duration_ms)
+
+    def record_turn(self, turn: Turn) -> None:
+        """Refused like `record`, once per component."""
+        for component, duration_ms in turn.latency_ms.items():
+            self._skip("read_only", component, duration_ms)
 
     def merge(self, state: object) -> None:
         """Add a snapshot (`LatencyMonitor.snapshot()`, maybe read back from JSON).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -24,13 +24,22 @@ _CHILD_SPANS = {
     "tool": "voice.tool",
 }
 _LLM_ROUND_PREFIX = "llm_round_"
+_NEW_TRACE = otel_context.Context()  # an empty context: no parent span
 
 
 def _ns(seconds: float) -> int:
     return int(seconds * 1_000_000_000)
 
 
-def root_attributes(turn: Turn) -> dict[str, AttributeValue]:
+# attribute keys built once, not per turn; other names (from a newer assembler) are formatted
+_LATENCY_KEYS = {c: f"voice.latency.{c}_ms" for c in ("e2e", *_CHILD_SPANS)}
+_OVERRUN_KEYS = {c: f"voice.budget.overrun.{c}_ms" for c in ("e2e", *_CHILD_SPANS)}
+
+
+def root_attributes(
+    turn: Turn, overruns_ms: Mapping[str, float] | None = None
+) -> dict[str, AttributeValue]:
+    """The `voice.turn` span's attributes; `overruns_ms` defaults to the turn's own."""
     attributes: dict[str, AttributeValue] = {
         "voice.turn.index": turn.index,
         "voice.turn.kind": turn.kind,
@@ -43,9 +52,12 @@ def root_attributes(turn: Turn) -> dict[str, AttributeValue]:
     if turn.tier is not None:
         attributes["voice.turn.tier"] = turn.tier
     for component, value in turn.latency_ms.items():
-        attributes[f"voice.latency.{component}_ms"] = round(value, 3)
-    for component, over in turn.budget_overruns_ms.items():
-        attributes[f"voice.budget.overrun.{component}_ms"] = round(over, 3)
+        key = _LATENCY_KEYS.get(component) or f"voice.latency.{component}_ms"
+        attributes[key] = round(value, 3)
+    overruns = turn.budget_overruns_ms if overruns_ms is None else overruns_ms
+    for component, over in overruns.items():
+        key = _OVERRUN_KEYS.get(component) or f"voice.budget.overrun.{component}_ms"
+        attributes[key] = round(over, 3)
     if turn.tool_calls:
         attributes["voice.tool.calls"] = turn.tool_calls
     if turn.llm_rounds:
@@ -82,43 +94,45 @@ class TurnTracer:
 
         self._tracer = trace.get_tracer(TRACER_NAME, __version__, tracer_provider=tracer_provider)
 
-    def record(self, turn: Turn, link_to: SpanContext | None = None) -> Turn:
-        """Emit the turn's spans; returns the turn with its trace and root span ids set."""
-        starts = [turn.started_at, *(s.start for s in turn.stages.values())]
-        ends = [turn.ended_at, *(s.end for s in turn.stages.values())]
-        links = [Link(link_to)] if link_to is not None and link_to.is_valid else None
+    def record(
+        self,
+        turn: Turn,
+        link_to: SpanContext | None = None,
+        overruns_ms: Mapping[str, float] | None = None,
+    ) -> SpanContext | None:
+        """Emit the turn's spans; returns the root span's context (None from a no-op provider,
+        which has no ids to hand on)."""
+        stages = turn.stages.values()
+        start = min(turn.started_at, *(s.start for s in stages)) if stages else turn.started_at
+        end = max(turn.ended_at, *(s.end for s in stages)) if stages else turn.ended_at
         root = self._tracer.start_span(
             ROOT_SPAN,
-            context=otel_context.Context(),  # each turn is its own trace
+            context=_NEW_TRACE,  # each turn is its own trace
             kind=SpanKind.INTERNAL,
-            attributes=root_attributes(turn),
-            links=links,
-            start_time=_ns(min(starts)),
+            attributes=root_attributes(turn, overruns_ms),
+            links=[Link(link_to)] if link_to is not None and link_to.is_valid else None,
+            start_time=_ns(start),
         )
         parent = trace.set_span_in_context(root)
-        for key, stage in sorted(turn.stages.items(), key=lambda kv: kv[1].start):
+        # creation order is irrelevant: every child carries its own start and end time
+        for key, stage in turn.stages.items():
             self._child(turn, key, stage, parent)
-        root.end(end_time=_ns(max(ends)))
+        root.end(end_time=_ns(end))
         span_context = root.get_span_context()
-        if not span_context.is_valid:  # a no-op provider: no ids to hand on
-            return turn
-        return dataclasses.replace(
-            turn, trace_id=span_context.trace_id, span_id=span_context.span_id
-        )
+        return span_context if span_context.is_valid else None
 
     def _child(self, turn: Turn, key: str, stage: Stage, parent: otel_context.Context) -> None:
         # the span's own start/end carry its latency (also on the root as voice.latency.*):
         # no per-child attributes beyond gen_ai.*, each costs the SDK ~2 us per turn
+        name = _CHILD_SPANS.get(key)
         attributes: dict[str, AttributeValue] | None = None
-        if key.startswith(_LLM_ROUND_PREFIX):
+        if name is None:
+            if not key.startswith(_LLM_ROUND_PREFIX):
+                return  # e2e is the root span itself
             name = "voice.llm"
             attributes = _llm_attributes(turn, int(key[len(_LLM_ROUND_PREFIX) :]))
-        elif key in _CHILD_SPANS:
-            name = _CHILD_SPANS[key]
-            if key == "llm_ttft":
-                attributes = _llm_attributes(turn, 1)
-        else:
-            return  # e2e is the root span itself
+        elif key == "llm_ttft":
+            attributes = _llm_attributes(turn, 1)
         span = self._tracer.start_span(
             name, context=parent, attributes=attributes, start_time=_ns(stage.start)
         )

@@ -80,13 +80,18 @@ _EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency")
 
 def _finite(value: object) -> float | None:
     """A usable float, or None for missing, non-numeric, NaN or infinite values."""
+    if type(value) is float:  # the usual case, first
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
     return f if math.isfinite(f) else None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Speech:
     """What is known so far about one SpeechHandle (one agent reply)."""
 
@@ -108,7 +113,7 @@ class _Speech:
     emitted: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _PendingTurn:
     index: int
     speech_end: float
@@ -248,6 +253,8 @@ class TurnAssembler:
             self.skipped["llm_metrics_unusable"] += 1  # one event, one count
             return self.expire(at)
         speech = self._speech(speech_id)
+        if speech.emitted:  # a later LLM round (after a tool call) of a reported reply
+            return self.expire(at)
         start = end - duration
         if self._checked_stage("llm_ttft", start, start + ttft) is not None:
             speech.llm_rounds.append((start, start + ttft))
@@ -293,6 +300,8 @@ class TurnAssembler:
 
     def expire(self, now: float) -> list[Turn]:
         """Finish replies that waited too long for a late figure; callers tick this on a timer."""
+        if not self._pending:
+            return []
         out: list[Turn] = []
         for speech in list(self._pending.values()):
             assert speech.turn is not None  # pending means a turn waits for this reply
@@ -447,9 +456,17 @@ class TurnAssembler:
         extra_rounds = {
             f"llm_round_{n}": Stage(s, f) for n, (s, f) in enumerate(speech.llm_rounds[1:], 2)
         }
-        if speech.tool is not None:
-            extra_rounds["tool"] = speech.tool
+        tool = speech.tool
+        if tool is not None:
+            extra_rounds["tool"] = tool
         self._agent_turns.discard(speech.speech_id)
+        # an emitted reply is kept (64 at most) only to recognise its late events: drop what
+        # the turn needed, so long-lived objects don't pile up for the garbage collector
+        speech.turn = speech.tts_stage = speech.tool = None
+        tool_calls, tool_ms = speech.tool_calls, None if tool is None else tool.duration_ms
+        rounds = len(speech.llm_rounds)
+        speech.llm_rounds.clear()
+        speech.early.clear()
         return [
             Turn(
                 index=pending.index,
@@ -463,9 +480,9 @@ class TurnAssembler:
                 session_id=self.session_id,
                 agent=self.agent,
                 stages={**stages, **extra_rounds},
-                tool_calls=speech.tool_calls,
-                tool_ms=speech.tool.duration_ms if speech.tool is not None else None,
-                llm_rounds=len(speech.llm_rounds),
+                tool_calls=tool_calls,
+                tool_ms=tool_ms,
+                llm_rounds=rounds,
                 llm_model=speech.llm_model,
                 llm_provider=speech.llm_provider,
                 input_tokens=speech.input_tokens or None,

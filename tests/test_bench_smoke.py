@@ -19,8 +19,8 @@ def _load(name: str):  # type: ignore[no-untyped-def]
 
 
 def test_turn_overhead_benchmark_reports_every_variant_and_emits_every_turn() -> None:
-    results = _load("bench_turn_overhead").main(["--turns", "50"])
-    variants = {"baseline", "naive listeners (no work)", "lk_observe"}
+    results = _load("bench_turn_overhead").main(["--turns", "50", "--repeat", "1"])
+    variants = {"baseline", "naive listeners (no work)", "lk_observe, no-op spans", "lk_observe"}
     assert set(results) == {f"{v}, {m}" for v in variants for m in ("paced", "back to back")}
     assert all(seconds > 0 for seconds in results.values())
 

@@ -409,3 +409,31 @@ def test_close_flushes_pending_turns_through_on_turn() -> None:
     assert [t.speech_id for t in turns] == ["s1"]
     assert turns[0].latency_ms["e2e"] == pytest.approx(700.0)
     assert not handle.active
+
+
+def test_with_fields_is_dataclasses_replace_for_every_field() -> None:
+    import dataclasses
+
+    from lk_observe.instrument import with_fields
+
+    turn = lk_observe.Turn(
+        index=3,
+        speech_id="speech_1",
+        started_at=10.0,
+        ended_at=10.5,
+        latency_ms={"e2e": 500.0},
+        interrupted=False,
+        tier="good",
+        stages={"e2e": lk_observe.Stage(10.0, 10.5)},
+    )
+    changes = {"budget_overruns_ms": {"e2e": 1.0}, "trace_id": 7, "span_id": 9}
+    assert with_fields(turn, **changes) == dataclasses.replace(turn, **changes)
+    for f in dataclasses.fields(lk_observe.Turn):  # any one field, as replace() would
+        value = getattr(dataclasses.replace(turn, index=4), f.name)
+        assert with_fields(turn, **{f.name: value}) == dataclasses.replace(turn, **{f.name: value})
+    assert turn.trace_id is None  # the original is untouched
+    assert not hasattr(lk_observe.Turn, "__post_init__")  # what would make the shortcut wrong
+    with pytest.raises(TypeError, match="no field"):
+        with_fields(turn, trace=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        with_fields(turn).index = 5  # type: ignore[misc]

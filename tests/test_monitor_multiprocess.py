@@ -131,8 +131,20 @@ def test_merged_percentiles_equal_one_monitor_fed_every_sample(seed: int) -> Non
 def test_a_merged_view_is_read_only() -> None:
     merged = MergedMonitor.like(LatencyMonitor(clock=FakeClock(10_000.0)))
     merged.record("e2e", 100.0)
+    merged.record_turn(
+        Turn(
+            index=1,
+            speech_id="s",
+            started_at=0.0,
+            ended_at=0.1,
+            interrupted=False,
+            tier="excellent",
+            latency_ms={"e2e": 100.0, "stt": 20.0},
+        )
+    )
     assert merged.get_stats("e2e")["count"] == 0
-    assert merged.skipped == {"read_only": 1}
+    assert merged.get_all_stats() == {}
+    assert merged.skipped == {"read_only": 3}
 
 
 def test_expired_slices_leave_the_merged_window_like_in_one_monitor() -> None:

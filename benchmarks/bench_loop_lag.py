@@ -6,6 +6,7 @@ machine noise hits all of them alike (the baseline is measured in the same run):
   baseline             - the session, no lk_observe
   <proto> healthy      - instrument() + configure_tracing() to an OTLP receiver on 127.0.0.1
   <proto> black hole   - the same, to a port that accepts TCP and never answers
+(the collectors are the fault tests' own, tests/otlp_collectors.py)
 Spans are exported every 100 ms (OTEL_BSP_SCHEDULE_DELAY) so exports run during the session.
 
     uv run python benchmarks/bench_loop_lag.py [--quick] [--turns N] [--repeats R]
@@ -17,23 +18,27 @@ import argparse
 import asyncio
 import gc
 import os
-import socket
 import statistics
-import threading
+import sys
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
 
-import grpc  # type: ignore[import-untyped]
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.export import configure_tracing, export_health, shutdown_tracing
 from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests/
+from tests.otlp_collectors import (  # the fault tests' own collectors
+    Behaviour,
+    Collector,
+    GrpcCollector,
+    HttpCollector,
+    SocketCollector,
+)
 
 PROBE_S = 0.005
 TIMEOUT_S = 1.0
@@ -49,87 +54,11 @@ TURN = ScriptedTurn(
 )
 
 
-class _HttpReceiver:
-    """OTLP/HTTP receiver on loopback that decodes and counts spans."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                request = trace_service_pb2.ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                owner.spans += sum(
-                    len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans
-                )
-                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-class _GrpcReceiver:
-    """OTLP/gRPC receiver on loopback that counts spans."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-        owner = self
-
-        class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request: Any, context: Any) -> Any:
-                owner.spans += sum(
-                    len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans
-                )
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            Servicer(), self._server
-        )
-        port = self._server.add_insecure_port("127.0.0.1:0")
-        self._server.start()
-        self.endpoint = f"http://127.0.0.1:{port}"
-
-    def close(self) -> None:
-        self._server.stop(grace=None)
-
-
-class _BlackHole:
-    """Listens (the kernel completes TCP handshakes) and never accepts, reads or answers."""
-
-    def __init__(self) -> None:
-        self.spans = 0
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.endpoint = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-
-    def close(self) -> None:
-        self._sock.close()
-
-
 @dataclass
 class Variant:
     name: str
     protocol: str | None = None  # None: no lk_observe at all
-    receiver: Callable[[], Any] | None = None
+    receiver: Callable[[], Collector] | None = None
     lag_ms: list[float] = field(default_factory=list)
     exported: int = 0
     failed: int = 0
@@ -203,7 +132,7 @@ async def _session(variant: Variant, turns: int) -> None:
             variant.dropped += int(str(health["dropped"]))
     finally:
         if receiver is not None:
-            variant.received += receiver.spans
+            variant.received += receiver.span_count
             receiver.close()
 
 
@@ -220,13 +149,13 @@ def main(
     repeats = repeats or (1 if quick else 3)
     variants = [
         Variant("baseline (no lk_observe)"),
-        Variant("http healthy", "http/protobuf", _HttpReceiver),
-        Variant("http black hole", "http/protobuf", _BlackHole),
+        Variant("http healthy", "http/protobuf", lambda: HttpCollector(Behaviour("ok"))),
+        Variant("http black hole", "http/protobuf", lambda: SocketCollector(listen=True)),
     ]
     if not quick:
         variants += [
-            Variant("grpc healthy", "grpc", _GrpcReceiver),
-            Variant("grpc black hole", "grpc", _BlackHole),
+            Variant("grpc healthy", "grpc", lambda: GrpcCollector(Behaviour("ok"))),
+            Variant("grpc black hole", "grpc", lambda: SocketCollector(listen=True)),
         ]
     previous = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export during the session, not after it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import multiprocessing.forkserver
 from collections.abc import Callable, Iterator
@@ -11,7 +12,8 @@ from typing import Any
 
 import pytest
 from livekit.agents.ipc.proc_pool import ProcPool
-from livekit.agents.job import JobExecutorType
+from livekit.agents.job import JobAcceptArguments, JobExecutorType, RunningJobInfo
+from livekit.protocol import agent, models
 
 # job id -> (agent, e2e latencies in ms of the turns that job observes)
 JOBS: dict[str, tuple[str, list[float]]] = {
@@ -20,6 +22,24 @@ JOBS: dict[str, tuple[str, list[float]]] = {
     "job-c": ("sales", [250.0, 480.0, 799.0, 800.0, 1500.0, 620.0, 410.0]),
 }
 KILLED = "job-b"  # the job the tests SIGKILL mid-call
+
+
+def running_job(job_id: str, spec: tuple[str, list[float]]) -> RunningJobInfo:
+    """A fake job (no room, no server) whose metadata tells the entrypoint what to play."""
+    agent_name, turns = spec
+    return RunningJobInfo(
+        accept_arguments=JobAcceptArguments(name="", identity=f"agent-{job_id}", metadata=""),
+        job=agent.Job(
+            id=job_id,
+            type=agent.JobType.JT_ROOM,
+            room=models.Room(sid=f"RM_{job_id}", name=f"room-{job_id}"),
+            metadata=json.dumps({"agent": agent_name, "turns": turns}),
+        ),
+        url="ws://127.0.0.1:1",  # never dialled: fake jobs use a mock room
+        token="",
+        worker_id="test-worker",
+        fake_job=True,
+    )
 
 
 def prewarm(proc: Any) -> None:

@@ -22,11 +22,8 @@ from typing import Any
 import httpx
 import pytest
 from livekit.agents.job import (
-    JobAcceptArguments,
     JobContext,
-    RunningJobInfo,
 )
-from livekit.protocol import agent, models
 from prometheus_client import CollectorRegistry
 
 import lk_observe.monitor as monitor_module
@@ -46,7 +43,7 @@ from lk_observe.monitor import (
 from lk_observe.server import Server, serve
 from lk_observe.slo import DEFAULT_SLOS, evaluate
 from lk_observe.turns import Turn, tier_for
-from tests.jobprocs import JOBS, KILLED, livekit_proc_pool, prewarm
+from tests.jobprocs import JOBS, KILLED, livekit_proc_pool, prewarm, running_job
 from tests.test_monitor import FakeClock, exact_quantile
 
 MAX_RELATIVE_ERROR = 0.01  # the monitor's contract, kept by the merge
@@ -493,23 +490,6 @@ async def job_entrypoint(ctx: JobContext) -> None:
 
 
 # -- runs in the test process ----------------------------------------------------------------
-
-
-def running_job(job_id: str, spec: tuple[str, list[float]]) -> RunningJobInfo:
-    agent_name, turns = spec
-    return RunningJobInfo(
-        accept_arguments=JobAcceptArguments(name="", identity=f"agent-{job_id}", metadata=""),
-        job=agent.Job(
-            id=job_id,
-            type=agent.JobType.JT_ROOM,
-            room=models.Room(sid=f"RM_{job_id}", name=f"room-{job_id}"),
-            metadata=json.dumps({"agent": agent_name, "turns": turns}),
-        ),
-        url="ws://127.0.0.1:1",  # never dialled: fake jobs use a mock room
-        token="",
-        worker_id="test-worker",
-        fake_job=True,
-    )
 
 
 def expected(jobs: list[str], agent_name: str | None = None) -> list[float]:

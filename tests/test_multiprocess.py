@@ -18,11 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 from livekit.agents.job import (
-    JobAcceptArguments,
     JobContext,
-    RunningJobInfo,
 )
-from livekit.protocol import agent, models
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,7 +27,7 @@ from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor
 from lk_observe.server import Server, serve
 from lk_observe.turns import Turn, tier_for
-from tests.jobprocs import JOBS, KILLED, livekit_proc_pool, prewarm
+from tests.jobprocs import JOBS, KILLED, livekit_proc_pool, prewarm, running_job
 
 # -- runs in the job processes ------------------------------------------------------------------
 
@@ -99,23 +96,6 @@ async def wait_for(
         await asyncio.sleep(0.2)
         found = await scrape(client)
     return found
-
-
-def running_job(job_id: str, spec: tuple[str, list[float]]) -> RunningJobInfo:
-    agent_name, turns = spec
-    return RunningJobInfo(
-        accept_arguments=JobAcceptArguments(name="", identity=f"agent-{job_id}", metadata=""),
-        job=agent.Job(
-            id=job_id,
-            type=agent.JobType.JT_ROOM,
-            room=models.Room(sid=f"RM_{job_id}", name=f"room-{job_id}"),
-            metadata=json.dumps({"agent": agent_name, "turns": turns}),
-        ),
-        url="ws://127.0.0.1:1",  # never dialled: fake jobs use a mock room
-        token="",
-        worker_id="test-worker",
-        fake_job=True,
-    )
 
 
 def totals(agent_name: str) -> list[float]:

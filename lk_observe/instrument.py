@@ -324,7 +324,8 @@ class InstrumentHandle:
                 elif (owner := session_ref()) is not None:
                     class_emit(owner, event, *args)
             finally:
-                if args and event in _OBSERVED_EVENTS:  # others (transcripts...) cost one lookup
+                # other events (interim transcripts...) cost one set lookup
+                if args and isinstance(event, str) and event in _OBSERVED_EVENTS:
                     handle = handle_ref()
                     if handle is not None and handle._active:
                         handle._observe(event, args[0], at)

@@ -158,20 +158,27 @@ class Server:
         return alerts
 
 
-def _wait_ready(server: Server, timeout: float) -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes], timeout: float, *, interval: float = 0.1
+) -> bool:
+    """Poll `url`/-/ready until it answers 200 (True), the process exits or time runs out."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"{server.name} exited ({server.process.returncode}):\n{server.log()}"
-            )
+    while process.poll() is None and time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as response:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
                 if response.status == 200:
-                    return
+                    return True
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(0.1)
+        time.sleep(interval)
+    return False
+
+
+def _wait_ready(server: Server, timeout: float) -> None:
+    if wait_ready(server.url, server.process, timeout):
+        return
+    if server.process.poll() is not None:
+        raise RuntimeError(f"{server.name} exited ({server.process.returncode}):\n{server.log()}")
     raise TimeoutError(f"{server.name} not ready after {timeout}s:\n{server.log()}")
 
 

@@ -19,8 +19,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -163,17 +161,10 @@ def backfilled_prometheus(
 
 
 def _wait_ready(server: BackfilledPrometheus, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60  # opening a few dozen backfilled blocks takes a moment
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    log = (server.workdir / "prometheus.log").read_text(errors="replace")
-    raise RuntimeError(f"Prometheus not ready (exit code {process.poll()}):\n{log[-3000:]}")
+    # opening a few dozen backfilled blocks takes a moment
+    if not promstack.wait_ready(server.url, process, 60, interval=0.2):
+        log = (server.workdir / "prometheus.log").read_text(errors="replace")
+        raise RuntimeError(f"Prometheus not ready (exit code {process.poll()}):\n{log[-3000:]}")
 
 
 def _rule_file(workdir: Path) -> Path | None:

@@ -206,6 +206,28 @@ def test_unknown_event_shape_never_raises_and_is_counted(event: str, payload: ob
     handle.uninstrument()
 
 
+@pytest.mark.parametrize("event", ["user_input_transcribed", "a_newer_event", ["unhashable"], 7])
+def test_events_it_does_not_read_pass_through_untouched(event: Any) -> None:
+    """Whatever LiveKit's emit does with an event lk_observe does not read, it still does."""
+
+    def outcome(session: AgentSession[None]) -> tuple[list[object], str | None]:
+        received: list[object] = []
+        with contextlib.suppress(TypeError):
+            session.on(event, received.append)
+        try:
+            session.emit(event, "payload")
+        except Exception as error:  # LiveKit's own reaction, e.g. to an unhashable name
+            return received, type(error).__name__
+        return received, None
+
+    plain = outcome(AgentSession())
+    session: AgentSession[None] = AgentSession()
+    handle = _instrument(session)
+    assert outcome(session) == plain
+    assert handle.skipped == {} and handle.handler_failures == 0
+    handle.uninstrument()
+
+
 def test_conversation_item_of_unknown_shape_is_counted() -> None:
     session: AgentSession[None] = AgentSession()
     handle = _instrument(session)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.otlp_collectors import start_collector
 from tests.test_live_page import READ_PAGE, chromium
 
 pytestmark = pytest.mark.timeout(180)
@@ -107,9 +108,7 @@ def test_demo_prints_live_turns_and_serves_a_page_chromium_renders(tmp_path: Pat
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 def test_demo_exports_spans_over_otlp_when_the_standard_variable_is_set(protocol: str) -> None:
-    from tests.test_dead_collector import _start_collector
-
-    collector = _start_collector("grpc" if protocol == "grpc" else "http", "healthy")
+    collector = start_collector("grpc" if protocol == "grpc" else "http", "healthy")
     try:
         result = subprocess.run(
             [

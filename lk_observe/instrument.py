@@ -44,19 +44,6 @@ from lk_observe.turns import Turn, TurnAssembler
 logger = logging.getLogger(__name__)
 
 _MARKER = "_lk_observe_handle"
-# the AgentSession events a turn is assembled from; every other event passes straight through
-_OBSERVED_EVENTS = frozenset(
-    {
-        "user_state_changed",
-        "agent_state_changed",
-        "conversation_item_added",
-        "speech_created",
-        "metrics_collected",
-        "function_tools_executed",
-        "error",
-        "close",
-    }
-)
 _SINK_QUEUE_SIZE = 10_000
 _MAX_TRACKED_HANDLES = 64
 _SLO_CHECK_INTERVAL_S = 1.0
@@ -66,7 +53,7 @@ TurnHook = Callable[[Turn], None]
 Sink = Callable[[Turn], "Turn | None"]
 
 
-def with_fields(turn: Turn, **changes: Any) -> Turn:
+def _with_fields(turn: Turn, **changes: Any) -> Turn:
     """`dataclasses.replace(turn, **changes)` in a tenth of the time (0.4 us, not 3.7 us, per
     turn): Turn is a frozen dataclass with a plain __dict__, no __post_init__ and no derived
     fields, so copying its fields is all replace() does. Unknown field names raise TypeError."""
@@ -324,8 +311,8 @@ class InstrumentHandle:
                 elif (owner := session_ref()) is not None:
                     class_emit(owner, event, *args)
             finally:
-                # other events (interim transcripts...) cost one set lookup
-                if args and isinstance(event, str) and event in _OBSERVED_EVENTS:
+                # events a turn is not built from (interim transcripts...) cost one lookup
+                if args and isinstance(event, str) and event in _ROUTES:
                     handle = handle_ref()
                     if handle is not None and handle._active:
                         handle._observe(event, args[0], at)
@@ -383,9 +370,6 @@ class InstrumentHandle:
         self._track_speech(handle)
         return self.assembler.speech_created(handle.id, at)
 
-    def _on_metrics(self, ev: Any, at: float) -> list[Turn]:
-        return self._route_metrics(ev.metrics, at)
-
     def _on_tools(self, ev: Any, at: float) -> list[Turn]:
         starts = [c.created_at for c in ev.function_calls]
         ends = [o.created_at for o in ev.function_call_outputs]
@@ -406,7 +390,8 @@ class InstrumentHandle:
         self.uninstrument()
         return []
 
-    def _route_metrics(self, m: Any, at: float) -> list[Turn]:
+    def _on_metrics(self, ev: Any, at: float) -> list[Turn]:
+        m = ev.metrics
         kind = getattr(m, "type", None)
         if kind not in ("llm_metrics", "realtime_model_metrics"):
             return []
@@ -522,11 +507,11 @@ class InstrumentHandle:
         except Exception:
             self._sink_failed("tracing")
         if root is not None:
-            turn = with_fields(
+            turn = _with_fields(
                 turn, budget_overruns_ms=overruns, trace_id=root.trace_id, span_id=root.span_id
             )
         elif overruns:
-            turn = with_fields(turn, budget_overruns_ms=overruns)
+            turn = _with_fields(turn, budget_overruns_ms=overruns)
         for name, sink in self._sinks:
             try:
                 turn = sink(turn) or turn
@@ -567,7 +552,8 @@ class InstrumentHandle:
             self._slo_check.maybe_check()
 
 
-# event name -> handler; plain functions, so a handle holds no reference cycle through them
+# the AgentSession events a turn is assembled from -> their handler (plain functions, so a
+# handle holds no reference cycle through them); every other event passes straight through
 _ROUTES: dict[str, Callable[[InstrumentHandle, Any, float], list[Turn]]] = {
     "user_state_changed": InstrumentHandle._on_user_state,
     "agent_state_changed": InstrumentHandle._on_agent_state,
@@ -578,7 +564,6 @@ _ROUTES: dict[str, Callable[[InstrumentHandle, Any, float], list[Turn]]] = {
     "error": InstrumentHandle._on_error,
     "close": InstrumentHandle._on_close,
 }
-assert _ROUTES.keys() == _OBSERVED_EVENTS
 
 
 def instrument(

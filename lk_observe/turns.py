@@ -463,7 +463,6 @@ class TurnAssembler:
         # an emitted reply is kept (64 at most) only to recognise its late events: drop what
         # the turn needed, so long-lived objects don't pile up for the garbage collector
         speech.turn = speech.tts_stage = speech.tool = None
-        tool_calls, tool_ms = speech.tool_calls, None if tool is None else tool.duration_ms
         rounds = len(speech.llm_rounds)
         speech.llm_rounds.clear()
         speech.early.clear()
@@ -480,8 +479,8 @@ class TurnAssembler:
                 session_id=self.session_id,
                 agent=self.agent,
                 stages={**stages, **extra_rounds},
-                tool_calls=tool_calls,
-                tool_ms=tool_ms,
+                tool_calls=speech.tool_calls,
+                tool_ms=None if tool is None else tool.duration_ms,
                 llm_rounds=rounds,
                 llm_model=speech.llm_model,
                 llm_provider=speech.llm_provider,

@@ -16,7 +16,7 @@ collection walks the whole heap).
 
 All threads run on one CPU (--no-pin to let them move). lk_observe hands each turn from the
 event loop to its sink thread; on a VM with an idle second vCPU every such hand-off wakes that
-vCPU, and the hypervisor's cost of it lands in the process's CPU time, varying run to run by
+vCPU, and the hypervisor's cost of it lands in the process's CPU time, swinging run to run by
 +-30% with the host's load. On one CPU the same work measures within a few percent.
 
     uv run python benchmarks/bench_turn_overhead.py [--turns 2000] [--repeat 5] [--no-gc-freeze]

@@ -48,7 +48,7 @@ def exact_quantile(ordered: list[float], q: float) -> float:
     return ordered[k] + (h - k) * (ordered[k + 1] - ordered[k])
 
 
-def _timed_calls(call: Callable[[], object], budget_s: float = 0.2) -> float:
+def seconds_per_call(call: Callable[[], object], budget_s: float = 0.2) -> float:
     """Seconds per call: repeat until the budget is spent (at least 3 calls)."""
     calls = 0
     start = time.perf_counter()
@@ -101,7 +101,7 @@ def _measure(name: str, make: Callable[[_SpreadClock], _Monitor], values: list[f
     gc.collect()
     monitor, record_s = _filled(make, values)
     stats = monitor.get_stats("e2e")
-    stats_s = _timed_calls(lambda: monitor.get_stats("e2e"))
+    stats_s = seconds_per_call(lambda: monitor.get_stats("e2e"))
     ordered = sorted(values)
     error = max(
         abs(float(stats[key]) - exact_quantile(ordered, q)) / exact_quantile(ordered, q)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from bench_monitor import seconds_per_call  # a sibling script: benchmarks/ is on sys.path
+
 from lk_observe.metrics import COMPONENTS
 from lk_observe.monitor import LatencyMonitor, SnapshotReader, SnapshotWriter
 from lk_observe.slo import DEFAULT_SLOS, evaluate
@@ -70,16 +72,6 @@ def _filled(
     return monitor
 
 
-def _seconds_per_call(call: Callable[[], object], budget_s: float) -> float:
-    calls, start = 0, time.perf_counter()
-    while True:
-        call()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if calls >= 3 and elapsed >= budget_s:
-            return elapsed / calls
-
-
 def bench_write(series_counts: list[int], budget_s: float) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for fill in ("typical", "dense"):
@@ -91,7 +83,7 @@ def bench_write(series_counts: list[int], budget_s: float) -> list[dict[str, obj
             n_series = len(monitor.snapshot()["series"])
             with tempfile.TemporaryDirectory() as directory:
                 writer = SnapshotWriter(monitor, directory)
-                seconds = _seconds_per_call(writer.write, budget_s)
+                seconds = seconds_per_call(writer.write, budget_s)
                 size = os.path.getsize(writer.path)
                 with open(writer.path, "rb") as file:
                     dropped = json.load(file)["truncated"]
@@ -138,10 +130,10 @@ def bench_merge(process_counts: list[int], budget_s: float) -> list[dict[str, ob
 
             # cold: a new reader reads and validates every file; warm: files unchanged since
             # the last merge are reused (every final file, most live ones at the poll rate)
-            cold = _seconds_per_call(
+            cold = seconds_per_call(
                 functools.partial(request_new, own, directory, request), budget_s
             )
-            warm = _seconds_per_call(functools.partial(request, reader), budget_s)
+            warm = seconds_per_call(functools.partial(request, reader), budget_s)
             view = reader.view()
             assert view.processes == processes, (view.processes, reader.skipped)
         rows.append(

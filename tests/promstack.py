@@ -199,7 +199,7 @@ def _run(
             _wait_ready(server, timeout)
         except (RuntimeError, TimeoutError) as exc:
             last_error = exc
-            _stop(process)
+            stop(process)
             log.close()
             if "address already in use" not in server.log():
                 raise
@@ -207,13 +207,14 @@ def _run(
         try:
             yield server
         finally:
-            _stop(process)
+            stop(process)
             log.close()
         return
     raise RuntimeError(f"{name} could not get a port") from last_error
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Terminate, then kill after 10 s."""
     if process.poll() is None:
         process.terminate()
         try:

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.benchmods import load_benchmark
 
 
 def test_turn_overhead_benchmark_reports_every_variant_and_emits_every_turn() -> None:
-    results = _load("bench_turn_overhead").main(["--turns", "50", "--repeat", "1"])
+    results = load_benchmark("bench_turn_overhead").main(["--turns", "50", "--repeat", "1"])
     variants = {"baseline", "naive listeners (no work)", "lk_observe, no-op spans", "lk_observe"}
     assert set(results) == {f"{v}, {m}" for v in variants for m in ("paced", "back to back")}
     assert all(seconds > 0 for seconds in results.values())
 
 
 def test_loop_lag_benchmark_reports_baseline_and_faults() -> None:
-    results = _load("bench_loop_lag").main(quick=True)
+    results = load_benchmark("bench_loop_lag").main(quick=True)
     assert {"baseline (no lk_observe)", "http healthy", "http black hole"} <= set(results)

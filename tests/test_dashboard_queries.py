@@ -152,12 +152,7 @@ def backfilled_prometheus(
             _wait_ready(server, process)
             yield server
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            promstack.stop(process)
 
 
 def _wait_ready(server: BackfilledPrometheus, process: subprocess.Popen[bytes]) -> None:

@@ -16,13 +16,11 @@ read every .db file, and keep aggregating for a process started after the kills.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from multiprocessing.connection import Connection
@@ -36,23 +34,13 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.benchmods import load_benchmark
+
 CHILDREN = 8
 FLOODERS = 2
 AGENTS = ("support", "sales", "triage")
 FLOOD_AGENT = "flood"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def _load_bench() -> ModuleType:
-    if "bench_soak" in sys.modules:
-        return sys.modules["bench_soak"]
-    spec = importlib.util.spec_from_file_location("bench_soak", BENCH / "bench_soak.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_soak"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- runs in the children -----------------------------------------------------------------------
@@ -69,7 +57,7 @@ async def _child(conn: Connection, agents: list[str], seed: int, flood: bool) ->
     import lk_observe
     from lk_observe.turns import tier_for
 
-    bench = _load_bench()
+    bench = load_benchmark("bench_soak")
     rng = random.Random(seed)
     monitor = lk_observe.LatencyMonitor()
     sessions: list[tuple[Any, str]] = []

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import random
 import statistics
-import sys
 import threading
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from lk_observe.metrics import LATENCY_BUCKETS_S
 from lk_observe.monitor import STAT_KEYS, LatencyMonitor, default_monitor
 from lk_observe.turns import Turn
+from tests.benchmods import load_benchmark
 
 # The accuracy contract: p50/p95/p99 within 1% (relative) of the exact percentile.
 MAX_RELATIVE_ERROR = 0.01
@@ -365,13 +363,7 @@ def test_default_monitor_is_one_instance_per_process() -> None:
 
 
 def test_benchmark_quick_run_reports_speedup_ratios(capsys: pytest.CaptureFixture[str]) -> None:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_monitor.py"
-    spec = importlib.util.spec_from_file_location("bench_monitor", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_monitor"] = bench
-    spec.loader.exec_module(bench)
-    table = bench.main(quick=True)
+    table = load_benchmark("bench_monitor").main(quick=True)
     assert "get_stats speedup" in table
     assert "memory ratio" in table
     assert table in capsys.readouterr().out

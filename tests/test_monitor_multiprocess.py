@@ -43,6 +43,7 @@ from lk_observe.monitor import (
 from lk_observe.server import Server, serve
 from lk_observe.slo import DEFAULT_SLOS, evaluate
 from lk_observe.turns import Turn, tier_for
+from tests.benchmods import load_benchmark
 from tests.jobprocs import JOBS, KILLED, livekit_proc_pool, prewarm, running_job
 from tests.test_monitor import FakeClock, exact_quantile
 
@@ -458,16 +459,7 @@ def test_instrument_adds_the_snapshot_sink_only_in_multiprocess_mode(
 
 
 def test_the_benchmark_runs() -> None:
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_monitor_snapshot.py"
-    spec = importlib.util.spec_from_file_location("bench_monitor_snapshot", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_monitor_snapshot"] = module
-    spec.loader.exec_module(module)
-    results = module.main(["--quick"])
+    results = load_benchmark("bench_monitor_snapshot").main(["--quick"])
     assert results["write"] and results["merge"]
 
 

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib.util
 import pickle
 import subprocess
 import sys
 import tracemalloc
 import weakref
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,22 +24,13 @@ from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.simulation import emit_recorded, recorded_turn
+from tests.benchmods import BENCH, load_benchmark
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 TURNS = 12_000
 SESSIONS = 50
 
 
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_soak", BENCH / "bench_soak.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_soak"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("bench_soak")
 
 
 @pytest.fixture(scope="module")

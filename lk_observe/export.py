@@ -22,6 +22,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,6 +175,28 @@ class _CountingExporter(SpanExporter):
             return False
 
 
+class _DropCountingQueue(deque[Any]):
+    """The batch processor's queue, counting the spans a full queue evicts. Appends and pops
+    share one lock, so the export thread cannot pop between the "full?" check and the append:
+    each eviction is counted exactly once, and nothing that was exported is counted too."""
+
+    def __init__(self, maxlen: int, on_drop: Callable[[], None]) -> None:
+        super().__init__(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self._on_drop = on_drop
+
+    def appendleft(self, item: Any) -> None:
+        with self._lock:
+            evicts = len(self) == self.maxlen
+            super().appendleft(item)  # a full deque drops its oldest (rightmost) item
+        if evicts:
+            self._on_drop()
+
+    def pop(self) -> Any:  # type: ignore[override]  # deque.pop takes no index
+        with self._lock:
+            return super().pop()
+
+
 class _CountingBatchSpanProcessor(BatchSpanProcessor):
     """Counts the spans the SDK drops, silently apart from one log line, on a full queue."""
 
@@ -190,27 +213,16 @@ class _CountingBatchSpanProcessor(BatchSpanProcessor):
             max_queue_size=max_queue_size,
             max_export_batch_size=min(max_queue_size, _env_batch_size()),
         )
-        self._lk_stats = stats
-        self._lk_counter = counter
-        # SDK 1.45 internals; another version degrades to not counting drops, never to a crash
-        batch = getattr(self, "_batch_processor", None)
-        queue = getattr(batch, "_queue", None)
-        limit = getattr(batch, "_max_queue_size", None)
-        self._lk_queue: Any = queue if hasattr(queue, "__len__") else None
-        self._lk_limit: int | None = limit if isinstance(limit, int) else None
 
-    def on_end(self, span: ReadableSpan) -> None:
-        queue, limit = self._lk_queue, self._lk_limit
-        if (
-            queue is not None
-            and limit is not None
-            and span.context is not None
-            and span.context.trace_flags.sampled
-            and len(queue) >= limit
-        ):
-            self._lk_stats.drop(1)
-            self._lk_counter.add(1)
-        super().on_end(span)
+        def dropped() -> None:
+            stats.drop(1)
+            counter.add(1)
+
+        # SDK 1.45 internals (emit appends left, the export thread pops right); another
+        # version degrades to not counting drops, never to a crash
+        batch = getattr(self, "_batch_processor", None)
+        if isinstance(getattr(batch, "_queue", None), deque):
+            batch._queue = _DropCountingQueue(max_queue_size, dropped)  # type: ignore[union-attr]
 
 
 def _env_batch_size() -> int:

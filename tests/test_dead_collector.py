@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -370,3 +371,48 @@ print(time.time(), flush=True)
     print(f"\nexit with 20 batches queued behind a black hole took {exit_s:.2f} s")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert exit_s <= 5.0 + 1.5  # export._EXIT_SHUTDOWN_S plus interpreter teardown
+
+
+def test_drops_are_counted_exactly_while_the_export_thread_pops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tiny queue that the export thread keeps draining while four threads fill it: every
+    span is exported or counted as dropped, never both and never neither."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "1")
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave between almost any two bytecodes
+    collector = start_collector("http/protobuf", "healthy")
+    registry = CollectorRegistry()
+    per_thread, threads = 1500, 4
+    try:
+        provider = configure_tracing(
+            endpoint=collector.endpoint, max_queue_size=4, registry=registry, timeout_s=5.0
+        )
+        tracer = provider.get_tracer("race")
+
+        def fill() -> None:
+            for i in range(per_thread):
+                tracer.start_span(str(i)).end()
+                if i % 4 == 0:
+                    time.sleep(0.0005)  # about as fast as the exports: both sides busy
+
+        workers = [threading.Thread(target=fill) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert flush_tracing(provider, 10.0) or export_health(provider)["dropped"]
+        health = export_health(provider)
+        assert shutdown_tracing(provider, 10.0)
+    finally:
+        sys.setswitchinterval(switch_interval)
+        collector.close()
+    created = per_thread * threads
+    exported, dropped = int(health["exported"]), int(health["dropped"])
+    print(f"\n{created} spans: {exported} exported, {dropped} dropped")
+    assert dropped > 0 and exported > 0  # the race was there to lose
+    assert health["failed"] == 0
+    assert exported + dropped == created
+    assert collector.span_count == exported
+    counted = registry.get_sample_value("voice_agent_sink_failures_total", {"sink": "span_export"})
+    assert counted == dropped

@@ -28,8 +28,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from lk_observe.export import configure_tracing, export_health, shutdown_tracing
-from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
+from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
+from lk_observe.otlp import configure_tracing, export_health, shutdown_tracing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for tests/
 from tests.otlp_collectors import (  # the fault tests' own collectors

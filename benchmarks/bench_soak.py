@@ -43,8 +43,8 @@ from prometheus_client import CollectorRegistry
 import lk_observe
 from lk_observe.instrument import InstrumentHandle
 from lk_observe.metrics import OTHER, render_metrics
-from lk_observe.simulation import RecordedEvent, emit_recorded, recorded_turn
 from lk_observe.turns import tier_for
+from tests.replay import RecordedEvent, emit_recorded, recorded_turn
 
 MARKER = "_lk_observe_handle"
 STABLE_AGENTS: tuple[str, ...] = ("support", "sales", "triage")

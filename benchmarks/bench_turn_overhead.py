@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from lk_observe.simulation import RecordedEvent, emit_recorded, recorded_turn
+from tests.replay import RecordedEvent, emit_recorded, recorded_turn
 
 _CHUNK = 50
 _SECONDS_BETWEEN_TURNS = 8.0  # a user turn and the agent's reply

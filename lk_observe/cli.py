@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from lk_observe.slo import DEFAULT_SLOS, SLO
 
 if TYPE_CHECKING:
+    from lk_observe.demo import ScriptedTurn
     from lk_observe.monitor import LatencyMonitor
-    from lk_observe.simulation import ScriptedTurn
 
 COMPONENT_ORDER = ("e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb")
 
@@ -103,8 +103,8 @@ def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[Scrip
     """Scripted turns whose delays come from the guide: the VAD preset's silence window and the
     speed profile's models' typical latency, with jitter, an occasional slow LLM turn, a tool
     call and a caller who talks over a reply that takes too long."""
+    from lk_observe.demo import ScriptedTurn
     from lk_observe.presets import model_latency, speed_profile, vad_preset
-    from lk_observe.simulation import ScriptedTurn
 
     vad = vad_preset(preset)
     profile = speed_profile(speed)
@@ -196,7 +196,7 @@ def _configure_tracing(console: bool) -> tuple[object, object]:
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
-        from lk_observe.export import configure_tracing
+        from lk_observe.otlp import configure_tracing
 
         provider = configure_tracing(service_name=service)
         print("exporting spans over OTLP (standard OTEL_EXPORTER_OTLP_* settings)")
@@ -226,9 +226,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     import lk_observe
+    from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
     from lk_observe.presets import speed_profile, vad_preset
     from lk_observe.server import serve
-    from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
 
     provider, memory = _configure_tracing(args.console_spans)
     monitor = lk_observe.LatencyMonitor()
@@ -312,7 +312,7 @@ async def _demo(args: argparse.Namespace) -> int:
         await asyncio.to_thread(server.stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
-    from lk_observe.export import shutdown_tracing
+    from lk_observe.otlp import shutdown_tracing
 
     await asyncio.to_thread(shutdown_tracing, provider, 5.0)  # type: ignore[arg-type]
     return 0

@@ -27,7 +27,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanContext, TracerProvider
 from prometheus_client import CollectorRegistry
 
-from lk_observe.export import flush_tracing
 from lk_observe.logs import default_turn_logger
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import (
@@ -36,6 +35,7 @@ from lk_observe.monitor import (
     default_recent_turns,
     snapshot_sinks,
 )
+from lk_observe.otlp import flush_tracing
 from lk_observe.presets import budget_overruns
 from lk_observe.slo import DEFAULT_SLOS, SLO, SLOEvaluator
 from lk_observe.tracing import TurnTracer

@@ -20,7 +20,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 
-from lk_observe.export import export_health
 from lk_observe.metrics import multiproc_dir, render_metrics
 from lk_observe.monitor import (
     LatencyMonitor,
@@ -32,6 +31,7 @@ from lk_observe.monitor import (
     snapshot_dir,
     turn_summary,
 )
+from lk_observe.otlp import export_health
 from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import lk_observe
+from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.rules import BURN_ALERT, P95_ALERT, AlertOptions, render_rule_file
 from lk_observe.server import serve
-from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.slo import SLO, BurnWindow
 from tests import promstack
 from tests.test_alerting_e2e import Webhook, alertmanager_config, webhook_receiver

@@ -27,8 +27,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from lk_observe.export import configure_tracing, export_health, flush_tracing, shutdown_tracing
-from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
+from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
+from lk_observe.otlp import configure_tracing, export_health, flush_tracing, shutdown_tracing
 from tests.otlp_collectors import SocketCollector, start_collector
 
 TIMEOUT_S = 0.5  # configure_tracing's export bound in every run
@@ -353,7 +353,7 @@ def test_process_exit_is_not_held_by_a_black_hole() -> None:
 import os, time
 os.environ["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] = "10"
 from prometheus_client import CollectorRegistry
-from lk_observe.export import configure_tracing
+from lk_observe.otlp import configure_tracing
 endpoint = {hole.endpoint!r}
 provider = configure_tracing(endpoint=endpoint, timeout_s=0.5, registry=CollectorRegistry())
 tracer = provider.get_tracer("exit")

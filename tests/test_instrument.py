@@ -20,8 +20,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 import lk_observe
+from lk_observe.demo import ScriptedPipeline, ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.instrument import _MARKER
-from lk_observe.simulation import ScriptedPipeline, ScriptedTurn, build_pipeline, run_pipeline
 
 LISTENED = (
     "user_state_changed",

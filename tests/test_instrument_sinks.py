@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
+from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
 
 SLOW_LLM = ScriptedTurn(llm_ttft_s=0.55)  # 550 ms TTFT: over the guide's 300 ms LLM budget
 

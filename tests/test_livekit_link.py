@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
+from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
 
 
 @pytest.fixture

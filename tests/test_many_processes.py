@@ -47,7 +47,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def _feed(bench: ModuleType, session: Any, events: list[Any]) -> None:
-    from lk_observe.simulation import emit_recorded
+    from tests.replay import emit_recorded
 
     for event in events:
         emit_recorded(session, event)

@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 import lk_observe
+from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor, RecentTurns
 from lk_observe.server import MAX_CONCURRENT_SCRAPES, Server, serve
-from lk_observe.simulation import ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.turns import Turn, tier_for
 
 ENDPOINTS = (

@@ -23,8 +23,8 @@ from livekit.agents import AgentSession
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from lk_observe.simulation import emit_recorded, recorded_turn
 from tests.benchmods import BENCH, load_benchmark
+from tests.replay import emit_recorded, recorded_turn
 
 TURNS = 12_000
 SESSIONS = 50

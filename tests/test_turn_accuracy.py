@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from lk_observe.simulation import (
+from lk_observe.demo import (
     GroundTruth,
     ScriptedTurn,
     build_pipeline,

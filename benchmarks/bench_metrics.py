@@ -22,8 +22,10 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from lk_observe.metrics import COMPONENTS, LatencyMetrics, multiproc_dir, render_metrics
-from lk_observe.turns import Turn, tier_for
+from lk_observe.metrics import LatencyMetrics
+from lk_observe.multiprocess import multiproc_dir
+from lk_observe.server import render_metrics
+from lk_observe.turns import COMPONENTS, Turn, tier_for
 
 ROUNDS = 5
 AGENT_COUNTS = (1, 5, 20)

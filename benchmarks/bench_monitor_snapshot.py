@@ -24,9 +24,10 @@ from collections.abc import Callable
 
 from bench_monitor import seconds_per_call  # a sibling script: benchmarks/ is on sys.path
 
-from lk_observe.metrics import COMPONENTS
-from lk_observe.monitor import LatencyMonitor, SnapshotReader, SnapshotWriter
+from lk_observe.monitor import LatencyMonitor
+from lk_observe.multiprocess import SnapshotReader, SnapshotWriter
 from lk_observe.slo import DEFAULT_SLOS, evaluate
+from lk_observe.turns import COMPONENTS
 
 
 class _Clock:

@@ -42,7 +42,8 @@ from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.instrument import InstrumentHandle
-from lk_observe.metrics import OTHER, render_metrics
+from lk_observe.metrics import OTHER
+from lk_observe.server import render_metrics
 from lk_observe.turns import tier_for
 from tests.replay import RecordedEvent, emit_recorded, recorded_turn
 
@@ -59,6 +60,10 @@ SPEAKING_EVENT = 5
 EVENTS_PER_TURN = 8
 FLUSH_EVERY_TURNS = 1000  # a real agent makes a turn per session every few seconds: pace it
 YIELD_EVERY_EVENTS = 200
+
+
+def _frozen_clock() -> float:
+    return 0.0
 
 
 class DiscardExporter(SpanExporter):
@@ -205,7 +210,9 @@ class Soak:
         self.provider.add_span_processor(
             BatchSpanProcessor(self.exporter, max_queue_size=8 * FLUSH_EVERY_TURNS * 8)
         )
-        self.monitor = lk_observe.LatencyMonitor(window_s=3600)  # the whole run is in window
+        # a frozen clock keeps the whole run in one slice: a run that crossed a slice boundary
+        # late would allocate that slice's buckets then, and read as late memory growth
+        self.monitor = lk_observe.LatencyMonitor(window_s=3600, clock=_frozen_clock)
         self.random_agents = [f"room-{self.rng.getrandbits(48):012x}" for _ in range(RANDOM_AGENTS)]
         self.first_seen: list[str] = []  # agent names in the order the metrics first saw them
         self.on_turn_tiers: Counter[str] = Counter()

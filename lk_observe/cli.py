@@ -11,16 +11,15 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from lk_observe.slo import DEFAULT_SLOS, SLO
+from lk_observe.slo import DEFAULT_SLOS, SLO, load_slos
+from lk_observe.turns import COMPONENTS, TIERS, Turn
 
 if TYPE_CHECKING:
     from lk_observe.demo import ScriptedTurn
     from lk_observe.monitor import LatencyMonitor
-
-COMPONENT_ORDER = ("e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb")
 
 
 # -- generate ----------------------------------------------------------------------------------
@@ -29,20 +28,18 @@ COMPONENT_ORDER = ("e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb")
 def generated_files(slos: Sequence[SLO]) -> dict[str, str]:
     """Every generated artifact, by path relative to the project root."""
     from lk_observe.dashboards import render_dashboards
-    from lk_observe.rules import render_alerting_files
+    from lk_observe.rules import OPERATOR_MANIFESTS, render_alerting_files
 
     files = {f"dashboards/{name}": text for name, text in render_dashboards(slos).items()}
     alerting = render_alerting_files(slos)
     files.update({f"alerting/{name}": text for name, text in alerting.items()})
     # the deploy example ships the same operator manifests, so both places stay in step
-    for manifest in ("prometheusrule.yaml", "podmonitor.yaml"):
-        files[f"examples/deploy/k8s/{manifest}"] = alerting[f"kubernetes/{manifest}"]
+    for manifest in OPERATOR_MANIFESTS:
+        files[f"examples/deploy/k8s/{PurePosixPath(manifest).name}"] = alerting[manifest]
     return files
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lk_observe.rules import load_slos
-
     try:
         slos = load_slos(args.slo) if args.slo else DEFAULT_SLOS
     except (OSError, ValueError) as exc:
@@ -75,13 +72,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from lk_observe.multiprocess import MULTIPROC_ENV, multiproc_dir
     from lk_observe.server import serve
 
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        print(
-            "note: PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows only this process",
-            file=sys.stderr,
-        )
+    if multiproc_dir() is None:  # the same test the ops app applies
+        note = f"note: {MULTIPROC_ENV} is not set: /metrics shows only this process"
+        print(note, file=sys.stderr)
     try:
         server = serve(host=args.host, port=args.port)
     except OSError as exc:
@@ -145,7 +141,7 @@ def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[Scrip
 def _live_table(monitor: LatencyMonitor, agent: str) -> list[str]:
     stats = monitor.get_all_stats(agent=agent)
     lines = [f"  {'component':<10} {'count':>5} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}"]
-    for component in COMPONENT_ORDER:
+    for component in COMPONENTS:
         s = stats.get(component)
         if s and s["count"]:
             lines.append(
@@ -210,10 +206,8 @@ def _configure_tracing(console: bool) -> tuple[object, object]:
 
 
 def _format_turn(turn: object) -> str:
-    from lk_observe.turns import Turn
-
     assert isinstance(turn, Turn)
-    parts = [f"{c}={turn.latency_ms[c]:6.1f}" for c in COMPONENT_ORDER if c in turn.latency_ms]
+    parts = [f"{c}={turn.latency_ms[c]:6.1f}" for c in COMPONENTS if c in turn.latency_ms]
     label = "greeting" if turn.kind == "agent" else (turn.tier or "interrupted")
     flags = " tool" if turn.tool_calls else ""
     flags += " interrupted" if turn.interrupted else ""
@@ -303,7 +297,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 f"  SLO {slo.name}: {good}/{all_turns} turns within {slo.threshold_ms:.0f} ms "
                 f"(objective {slo.objective:.0%})"
             )
-    tiers = {tier: sum(1 for t in done if t.tier == tier) for tier in ("excellent", "good", "slow")}
+    tiers = {tier: sum(1 for t in done if t.tier == tier) for tier in TIERS}
     print(f"  tiers: {tiers}, interrupted: {sum(1 for t in done if t.interrupted)}")
     if server is not None:
         if args.keep_serving and not stop.is_set():

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
-import multiprocessing.util
-import os
 import re
 import threading
 import weakref
@@ -15,32 +12,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client import multiprocess as _mp
-from prometheus_client import values as _values
-from prometheus_client.exposition import generate_latest as _render_text
-from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
-from prometheus_client.openmetrics.exposition import generate_latest as _render_openmetrics
 
+from lk_observe import multiprocess
+from lk_observe.promql import LATENCY_BUCKETS_S as LATENCY_BUCKETS_S  # re-exported for now
+from lk_observe.turns import COMPONENTS as COMPONENTS  # re-exported for now
+from lk_observe.turns import TIERS as TIERS  # re-exported for now
 from lk_observe.turns import Turn
 
 logger = logging.getLogger(__name__)
 
-# Every SLO threshold must be one of these edges (slo.SLO checks it) so `le` matches exactly.
-# fmt: off
-LATENCY_BUCKETS_S: tuple[float, ...] = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
-    1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0,
-)
-# fmt: on
-
-# Pinned to 0.0.4: the same bytes as prometheus_client's default, and every Prometheus parses it.
-TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-COMPONENTS: tuple[str, ...] = ("e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb")
-TIERS: tuple[str, ...] = ("excellent", "good", "slow")
 OTHER = "other"  # the label value that absorbs everything past a cardinality limit
 MAX_LABEL_LENGTH = 64
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # the variable LiveKit's worker sets too
 
 _UNSAFE_LABEL_CHARS = re.compile(r"[^\x20-\x7e]")
 
@@ -170,7 +152,7 @@ class LatencyMetrics:
         self._series_by_raw: dict[str, _AgentSeries] = {}  # by raw agent, admitted ones only
         self._active_count: dict[str, int] = {}
         # file-backed values drop exemplars; skip building and validating them for nothing
-        self._exemplars = not getattr(_values.ValueClass, "_multiprocess", False)
+        self._exemplars = not multiprocess.values_are_file_backed()
         self._lock = threading.Lock()
         self.skipped_observations = 0  # NaN / negative latencies: counted, never exported wrong
 
@@ -186,8 +168,8 @@ class LatencyMetrics:
             if found is None:
                 found = cls(target)
                 cls._instances[target] = found
-                _warn_if_multiprocess_misconfigured()
-                _register_exit_cleanup()
+                multiprocess.warn_if_misconfigured()
+                multiprocess.register_exit_cleanup()
         return found
 
     # -- turns -------------------------------------------------------------------------------
@@ -305,107 +287,3 @@ class LatencyMetrics:
             if self._agents.is_cached(raw_agent):
                 self._series_by_raw[raw_agent] = series
         return series
-
-
-# -- multiprocess ------------------------------------------------------------------------------
-
-
-def multiproc_dir() -> str | None:
-    """The shared metrics directory when multiprocess mode is on (LiveKit's convention)."""
-    path = os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower())
-    return path or None
-
-
-def _warn_if_multiprocess_misconfigured() -> None:
-    # prometheus_client picks file-backed values at import time; setting the variable later
-    # silently leaves this process's metrics out of every multiprocess /metrics.
-    if multiproc_dir() and not getattr(_values.ValueClass, "_multiprocess", False):
-        logger.warning(
-            "PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported; "
-            "this process's metrics are not shared. Set it before the worker starts."
-        )
-
-
-_exit_cleanup_registered = False
-
-
-def _register_exit_cleanup() -> None:
-    # multiprocessing.util finalizers run both at interpreter exit and when a
-    # multiprocessing child (LiveKit's job process) returns, which skips atexit (os._exit).
-    global _exit_cleanup_registered
-    if _exit_cleanup_registered or not multiproc_dir():
-        return
-    _exit_cleanup_registered = True
-    multiprocessing.util.Finalize(None, _mark_this_process_dead, exitpriority=10)
-
-
-def _mark_this_process_dead() -> None:
-    try:
-        mark_process_dead(os.getpid())
-    except Exception:
-        logger.debug("could not clean up live gauges at exit", exc_info=True)
-
-
-def mark_process_dead(pid: int, path: str | None = None) -> None:
-    """Drop a finished process's live gauges (active sessions) from the aggregate."""
-    directory = path or multiproc_dir()
-    if directory:
-        _mp.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
-
-
-_LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(\d+)\.db$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # A SIGKILLed child stays a zombie until its parent reaps it: that is dead too.
-            return stat.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reap_dead_processes(path: str | None = None) -> list[int]:
-    """mark_process_dead for every process that left live gauges behind and is gone (SIGKILL,
-    OOM kill): nothing else runs for those, and LiveKit's pool does not call it either."""
-    directory = path or multiproc_dir()
-    if not directory:
-        return []
-    reaped: list[int] = []
-    pids: set[int] = set()
-    for file in glob.glob(os.path.join(directory, "gauge_live*.db")):
-        match = _LIVE_GAUGE_FILE.match(os.path.basename(file))
-        if match:
-            pids.add(int(match.group(1)))
-    for pid in sorted(pids):
-        if pid != os.getpid() and not _pid_alive(pid):
-            mark_process_dead(pid, directory)
-            reaped.append(pid)
-    return reaped
-
-
-def render_metrics(
-    registry: CollectorRegistry | None = None, openmetrics: bool = False
-) -> tuple[bytes, str]:
-    """Exposition bytes and content type. In multiprocess mode every process's files are merged
-    (as LiveKit's own /metrics does) and `registry` is ignored. Blocking: call it off the loop."""
-    directory = multiproc_dir()
-    target: CollectorRegistry
-    if directory and os.path.isdir(directory):
-        reap_dead_processes(directory)
-        target = CollectorRegistry()
-        _mp.MultiProcessCollector(target, path=directory)  # type: ignore[no-untyped-call]
-    else:
-        target = REGISTRY if registry is None else registry
-    if openmetrics:
-        return _render_openmetrics(target), OPENMETRICS_CONTENT_TYPE  # type: ignore[no-untyped-call]
-    return _render_text(target), TEXT_CONTENT_TYPE

@@ -1,4 +1,5 @@
-"""Rolling-window latency percentiles in fixed memory (the guide's LatencyMonitor API).
+"""Rolling-window latency percentiles in fixed memory (the guide's LatencyMonitor API). Pure:
+no files, no threads of its own; multiprocess.py moves snapshots between processes.
 
 Not ddsketch/hdrhistogram: a sliding window needs a running total minus the expiring slice,
 which fixed log buckets give for free and DDSketch lacks (merging 30 sketches per query is slow).
@@ -7,26 +8,19 @@ which fixed log buckets give for free and DDSketch lacks (merging 30 sketches pe
 from __future__ import annotations
 
 import bisect
-import contextlib
-import json
 import logging
 import math
-import multiprocessing.util
 import operator
-import os
 import re
-import stat
 import threading
 import time
 import zlib
 from array import array
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from itertools import accumulate, pairwise
 from typing import TYPE_CHECKING, Any
 
-from lk_observe.metrics import LATENCY_BUCKETS_S, _pid_alive, multiproc_dir
+from lk_observe.promql import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from lk_observe.turns import Turn
@@ -34,17 +28,11 @@ if TYPE_CHECKING:
 __all__ = [
     "STAT_KEYS",
     "LatencyMonitor",
+    "LatencyView",
     "MergedMonitor",
-    "MergedView",
-    "RecentTurns",
     "SnapshotError",
-    "SnapshotReader",
-    "SnapshotWriter",
     "default_monitor",
-    "default_recent_turns",
-    "snapshot_sinks",
-    "snapshot_writer",
-    "turn_summary",
+    "parse_snapshot",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +72,8 @@ _ZEROS = [0] * _N_BUCKETS
 # Snapshots from another process merge only into the same bucket layout (a different lk_observe
 # version could have other bounds: adding its counts bucket by bucket would be wrong, not close).
 SNAPSHOT_VERSION = 1
+MAX_NAME_LENGTH = 256  # of a component or agent name in a snapshot
+_MAX_SLICE_COUNT = 1 << 24  # per process and slice: 256 files cannot overflow the uint32 buckets
 _LAYOUT = f"{len(_BOUNDS)}:{zlib.crc32(repr(_BOUNDS).encode()):08x}"
 
 
@@ -202,15 +192,8 @@ def _quantile(cumulative: list[int], count: int, q: float, low: float, high: flo
     return below + (h - k) * (order_stat(k + 1) - below)
 
 
-class LatencyMonitor:
-    """Rolling percentiles of per-component latencies (ms) over the last `window_s` seconds.
-
-    The window is a ring of `slices` sub-windows: a sample counts for at least
-    `window_s - window_s / slices` and at most `window_s` seconds. Memory is fixed per
-    (component, agent) series and queries cost O(buckets), whatever the traffic. Percentiles are
-    within 1% (relative) of the exact linear-interpolated percentile for values in 0.1 ms-120 s;
-    min, max, mean and count are exact. Thread-safe.
-    """
+class _Window:
+    """The series of one rolling window and every operation on them, under one lock."""
 
     def __init__(
         self,
@@ -245,6 +228,20 @@ class LatencyMonitor:
         return self._window_s
 
     @property
+    def slices(self) -> int:
+        return self._slices
+
+    def like(self) -> _Window:
+        """An empty window with this one's length, slices, clock and limits."""
+        return _Window(
+            self._window_s,
+            slices=self._slices,
+            clock=self._clock,
+            max_components=self._max_components,
+            max_agents=self._max_agents,
+        )
+
+    @property
     def skipped(self) -> dict[str, int]:
         """Samples refused so far, by reason (a copy)."""
         with self._lock:
@@ -258,20 +255,7 @@ class LatencyMonitor:
         with self._lock:
             return sorted(self._agents)
 
-    def record(
-        self,
-        component: str,
-        duration_ms: float,
-        metadata: Mapping[str, object] | None = None,
-        *,
-        agent: str | None = None,
-    ) -> None:
-        """Add one latency sample. Never raises: bad input is counted in `skipped` and logged.
-
-        `metadata` is accepted for the guide's API and not stored: keeping it would make memory
-        grow with traffic.
-        """
-        del metadata
+    def record(self, component: str, duration_ms: float, agent: str | None) -> None:
         reason = self._rejection(component, duration_ms, agent)
         if reason is not None:
             self._skip(reason, component, duration_ms)
@@ -400,6 +384,28 @@ class LatencyMonitor:
             ],
         }
 
+    def merge_parsed(self, parsed: list[tuple[str, str | None, list[SnapshotPart]]]) -> None:
+        """Add snapshot slices already validated by `parse_snapshot` for this window."""
+        with self._lock:
+            current = self._current_id()
+            newest = max((part[0] for _, _, parts in parsed for part in parts), default=current)
+            # The writer read the clock before we did; one slice of slack covers the race. More
+            # than that is another clock, whose ids would expire everything here.
+            if newest > current + 1:
+                raise SnapshotError("incompatible", "slices from the future: another clock?")
+            if newest > self._latest_id:
+                self._latest_id = newest
+            oldest_live = self._latest_id - self._slices + 1
+            for component, agent, parts in parsed:
+                series = self._series_for(component, agent)
+                if series is None:
+                    reason = "too_many_agents" if agent is not None else "too_many_components"
+                    self._skip_locked(reason, agent or component, sum(p[1] for p in parts))
+                    continue
+                for slice_id, count, total, low, high, pairs in parts:
+                    if slice_id >= oldest_live:
+                        series.merge(slice_id, pairs, count, total, low, high)
+
     def _current_id(self) -> int:
         slice_id = int(self._clock() // self._slice_s)
         if slice_id > self._latest_id:
@@ -523,6 +529,134 @@ def _sparse(first: int, raw: bytes) -> list[int]:
     return flat
 
 
+class LatencyView:
+    """The LatencyMonitor queries over a rolling window: one process's monitor, or the sum of
+    several processes' snapshots (MergedMonitor). Thread-safe."""
+
+    def __init__(self, window: _Window) -> None:
+        self._window = window
+
+    @property
+    def window_s(self) -> float:
+        return self._window.window_s
+
+    @property
+    def slices(self) -> int:
+        return self._window.slices
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples refused so far, by reason (a copy)."""
+        return self._window.skipped
+
+    def components(self) -> list[str]:
+        return self._window.components()
+
+    def agents(self) -> list[str]:
+        return self._window.agents()
+
+    def get_stats(self, component: str, *, agent: str | None = None) -> dict[str, float | int]:
+        """count, mean, median, p95, p99, min, max (ms) over the window; zeros when empty."""
+        return self._window.get_stats(component, agent=agent)
+
+    def get_all_stats(self, *, agent: str | None = None) -> dict[str, dict[str, float | int]]:
+        """get_stats for every component seen under `agent` (None: all agents together)."""
+        return self._window.get_all_stats(agent=agent)
+
+    def count_at_or_below(
+        self, component: str, threshold_ms: float, *, agent: str | None = None
+    ) -> tuple[int, int]:
+        """(samples <= threshold_ms, all samples) in the window.
+
+        Exact when the threshold is a Prometheus bucket edge (every SLO threshold is) or outside
+        the window's [min, max]; otherwise rounded down to the bucket boundary below, so an SLO
+        never looks better than it is.
+        """
+        return self._window.count_at_or_below(component, threshold_ms, agent=agent)
+
+
+class LatencyMonitor(LatencyView):
+    """Rolling percentiles of per-component latencies (ms) over the last `window_s` seconds.
+
+    The window is a ring of `slices` sub-windows: a sample counts for at least
+    `window_s - window_s / slices` and at most `window_s` seconds. Memory is fixed per
+    (component, agent) series and queries cost O(buckets), whatever the traffic. Percentiles are
+    within 1% (relative) of the exact linear-interpolated percentile for values in 0.1 ms-120 s;
+    min, max, mean and count are exact. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        window_s: float = 300.0,
+        *,
+        slices: int = 30,
+        clock: Callable[[], float] = time.monotonic,
+        max_components: int = 64,
+        max_agents: int = 64,
+    ) -> None:
+        super().__init__(
+            _Window(
+                window_s,
+                slices=slices,
+                clock=clock,
+                max_components=max_components,
+                max_agents=max_agents,
+            )
+        )
+
+    def record(
+        self,
+        component: str,
+        duration_ms: float,
+        metadata: Mapping[str, object] | None = None,
+        *,
+        agent: str | None = None,
+    ) -> None:
+        """Add one latency sample. Never raises: bad input is counted in `skipped` and logged.
+
+        `metadata` is accepted for the guide's API and not stored: keeping it would make memory
+        grow with traffic.
+        """
+        del metadata
+        self._window.record(component, duration_ms, agent)
+
+    def record_turn(self, turn: Turn) -> None:
+        """Record every measured component of a finished turn under the turn's agent."""
+        self._window.record_turn(turn)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The window's live slices as plain JSON-able data, for `MergedMonitor.merge` in
+        another process. Aggregate series come first (a size-capped writer drops from the end).
+        """
+        return self._window.snapshot()
+
+
+class MergedMonitor(LatencyView):
+    """Read-only sum of monitor snapshots: the LatencyMonitor queries (get_stats,
+    get_all_stats, count_at_or_below, so slo.evaluate too) over several processes.
+
+    Same guarantees as one monitor fed every sample: per slice the bucket counts add up, so
+    percentiles stay within 1%, counts at Prometheus edges stay exact, min/max/count exact.
+    """
+
+    @classmethod
+    def like(cls, view: LatencyView) -> MergedMonitor:
+        """An empty view with `view`'s window, slices, clock and limits."""
+        return cls(view._window.like())
+
+    def merge(self, state: object) -> None:
+        """Add a snapshot (`LatencyMonitor.snapshot()`, maybe read back from JSON).
+
+        Raises SnapshotError, before changing anything, when it is malformed or comes from a
+        monitor with another window, slice count, bucket layout or clock.
+        """
+        self.merge_parsed(parse_snapshot(state, self.window_s, self.slices))
+
+    def merge_parsed(self, parsed: list[tuple[str, str | None, list[SnapshotPart]]]) -> None:
+        """`merge` of a snapshot already validated by `parse_snapshot` for this window."""
+        self._window.merge_parsed(parsed)
+
+
 _default: LatencyMonitor | None = None
 _default_lock = threading.Lock()
 
@@ -537,87 +671,6 @@ def default_monitor() -> LatencyMonitor:
     return _default
 
 
-class RecentTurns:
-    """The last `maxlen` turns, for the live page. Thread-safe; `add` is a turn sink."""
-
-    def __init__(self, maxlen: int = 50) -> None:
-        self._turns: deque[Turn] = deque(maxlen=maxlen)
-        self._lock = threading.Lock()
-
-    def add(self, turn: Turn) -> None:
-        with self._lock:
-            self._turns.append(turn)
-
-    def __len__(self) -> int:
-        return len(self._turns)
-
-    def turns(self) -> list[Turn]:
-        """Oldest first."""
-        with self._lock:
-            return list(self._turns)
-
-
-_default_recent: RecentTurns | None = None
-_default_recent_lock = threading.Lock()
-
-
-def default_recent_turns() -> RecentTurns:
-    """The process-wide ring that instrument() feeds and the ops app's live page reads."""
-    global _default_recent
-    with _default_recent_lock:
-        if _default_recent is None:
-            _default_recent = RecentTurns()
-        return _default_recent
-
-
-# -- multiprocess: every job process's window in the ops app -----------------------------------
-#
-# LiveKit runs each job in its own process; the ops app runs in the worker's main process and
-# its own monitor sees no turns. Each process that records turns writes its window (live slices,
-# sparse bucket counts, count/sum/min/max, slice ids) to
-# $PROMETHEUS_MULTIPROC_DIR/lk_observe/monitor_<pid>.json at most once a second; the app adds
-# them up bucket by bucket, which is exact: merged counts equal one monitor fed every sample.
-# Slice ids come from time.monotonic, one clock for every process of a host (the directory is
-# per host anyway: prometheus_client's mmap files need that too).
-
-SNAPSHOT_DIRNAME = "lk_observe"
-MAX_SNAPSHOT_BYTES = 1 << 20  # per process; a larger snapshot drops per-agent series first
-MAX_SNAPSHOT_FILES = 256  # read per merge, newest first
-MAX_SNAPSHOT_TOTAL_BYTES = 64 << 20  # read per merge
-_MAX_CACHED_BYTES = 16 << 20  # of files whose parsed content the reader keeps between merges
-SNAPSHOT_RECENT_TURNS = 20  # per process
-SNAPSHOT_INTERVAL_S = 1.0
-_MAX_SLICE_COUNT = 1 << 24  # per process and slice: 256 files cannot overflow the uint32 buckets
-_MAX_NAME = 256
-_LIVE_FILE = re.compile(r"^monitor_(\d{1,10})\.json$")
-# A cleanly exited process renames its last snapshot: it counts until its slices expire.
-_FINAL_FILE = re.compile(r"^monitor_(\d{1,10})\.(\d{1,20})\.final\.json$")
-_TEMP_FILE = re.compile(r"^\.monitor_(\d{1,10})\.json\.tmp$")
-_TIERS = ("excellent", "good", "slow")
-
-
-def turn_summary(turn: Turn) -> dict[str, Any]:
-    """A finished turn as the live page shows it: numbers and ids only (no speech or session
-    ids, no user text)."""
-    origin = min((stage.start for stage in turn.stages.values()), default=turn.started_at)
-    return {
-        "index": turn.index,
-        "kind": turn.kind,
-        "agent": turn.agent,
-        "tier": turn.tier,
-        "interrupted": turn.interrupted,
-        "ended_at": turn.ended_at,
-        "latency_ms": dict(turn.latency_ms),
-        # offsets from the turn's first stage, so the page can draw a waterfall
-        "stages": {
-            name: [(stage.start - origin) * 1000.0, (stage.end - origin) * 1000.0]
-            for name, stage in turn.stages.items()
-        },
-        "tool_calls": turn.tool_calls,
-        "trace_id": None if turn.trace_id is None else f"{turn.trace_id:032x}",
-    }
-
-
 class SnapshotError(ValueError):
     """A snapshot that cannot be merged; `reason` is "corrupt" or "incompatible"."""
 
@@ -626,7 +679,7 @@ class SnapshotError(ValueError):
         self.reason = reason
 
 
-_Part = tuple[int, int, float, float, float, list[tuple[int, int]]]
+SnapshotPart = tuple[int, int, float, float, float, list[tuple[int, int]]]
 
 
 def _is_int(value: object) -> bool:
@@ -642,14 +695,14 @@ def _is_number(value: object) -> bool:
 
 
 def _is_name(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= _MAX_NAME
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_LENGTH
 
 
 def _corrupt(detail: str) -> SnapshotError:
     return SnapshotError("corrupt", detail)
 
 
-def _parse_slice(raw: object) -> _Part:
+def _parse_slice(raw: object) -> SnapshotPart:
     if not isinstance(raw, list) or len(raw) != 6:
         raise _corrupt("slice is not [id, count, sum, min, max, buckets]")
     slice_id, count, total, low, high, flat = raw
@@ -681,7 +734,7 @@ def _parse_slice(raw: object) -> _Part:
 
 def parse_snapshot(
     state: object, window_s: float, slices: int
-) -> list[tuple[str, str | None, list[_Part]]]:
+) -> list[tuple[str, str | None, list[SnapshotPart]]]:
     """Validate a snapshot entirely (nothing half-merged) for a monitor of this window."""
     if not isinstance(state, dict):
         raise _corrupt("not a JSON object")
@@ -692,7 +745,7 @@ def parse_snapshot(
     series = state.get("series")
     if not isinstance(series, list):
         raise _corrupt("no series list")
-    parsed: list[tuple[str, str | None, list[_Part]]] = []
+    parsed: list[tuple[str, str | None, list[SnapshotPart]]] = []
     seen: set[tuple[str, str | None]] = set()
     for entry in series:
         if not isinstance(entry, dict):
@@ -711,572 +764,3 @@ def parse_snapshot(
             raise _corrupt("slice listed twice")
         parsed.append((component, agent, parts))
     return parsed
-
-
-class MergedMonitor(LatencyMonitor):
-    """Read-only sum of monitor snapshots: the LatencyMonitor queries (get_stats,
-    get_all_stats, count_at_or_below, so slo.evaluate too) over several processes.
-
-    Same guarantees as one monitor fed every sample: per slice the bucket counts add up, so
-    percentiles stay within 1%, counts at Prometheus edges stay exact, min/max/count exact.
-    """
-
-    @classmethod
-    def like(cls, monitor: LatencyMonitor) -> MergedMonitor:
-        """An empty view with `monitor`'s window, slices, clock and limits."""
-        return cls(
-            monitor._window_s,
-            slices=monitor._slices,
-            clock=monitor._clock,
-            max_components=monitor._max_components,
-            max_agents=monitor._max_agents,
-        )
-
-    def record(
-        self,
-        component: str,
-        duration_ms: float,
-        metadata: Mapping[str, object] | None = None,
-        *,
-        agent: str | None = None,
-    ) -> None:
-        """Refused (counted as "read_only"): a view changes only by merging snapshots."""
-        self._skip("read_only", component, duration_ms)
-
-    def record_turn(self, turn: Turn) -> None:
-        """Refused like `record`, once per component."""
-        for component, duration_ms in turn.latency_ms.items():
-            self._skip("read_only", component, duration_ms)
-
-    def merge(self, state: object) -> None:
-        """Add a snapshot (`LatencyMonitor.snapshot()`, maybe read back from JSON).
-
-        Raises SnapshotError, before changing anything, when it is malformed or comes from a
-        monitor with another window, slice count, bucket layout or clock.
-        """
-        self.merge_parsed(parse_snapshot(state, self._window_s, self._slices))
-
-    def merge_parsed(self, parsed: list[tuple[str, str | None, list[_Part]]]) -> None:
-        """`merge` of a snapshot already validated by `parse_snapshot` for this window."""
-        with self._lock:
-            current = self._current_id()
-            newest = max((part[0] for _, _, parts in parsed for part in parts), default=current)
-            # The writer read the clock before we did; one slice of slack covers the race. More
-            # than that is another clock, whose ids would expire everything here.
-            if newest > current + 1:
-                raise SnapshotError("incompatible", "slices from the future: another clock?")
-            if newest > self._latest_id:
-                self._latest_id = newest
-            oldest_live = self._latest_id - self._slices + 1
-            for component, agent, parts in parsed:
-                series = self._series_for(component, agent)
-                if series is None:
-                    reason = "too_many_agents" if agent is not None else "too_many_components"
-                    self._skip_locked(reason, agent or component, sum(p[1] for p in parts))
-                    continue
-                for slice_id, count, total, low, high, pairs in parts:
-                    if slice_id >= oldest_live:
-                        series.merge(slice_id, pairs, count, total, low, high)
-
-
-def _clean_summary(raw: object) -> dict[str, Any]:
-    """A turn summary read from another process's snapshot, checked field by field."""
-    if not isinstance(raw, dict):
-        raise _corrupt("recent turn is not an object")
-    latency, stages = raw.get("latency_ms"), raw.get("stages")
-    tier, trace_id = raw.get("tier"), raw.get("trace_id")
-    if not (
-        _is_int(raw.get("index"))
-        and raw.get("kind") in ("user", "agent")
-        and _is_name(raw.get("agent"))
-        and (tier is None or tier in _TIERS)
-        and isinstance(raw.get("interrupted"), bool)
-        and _is_number(raw.get("ended_at"))
-        and _is_int(raw.get("tool_calls"))
-        and (trace_id is None or (isinstance(trace_id, str) and len(trace_id) == 32))
-        and isinstance(latency, dict)
-        and len(latency) <= 16
-        and all(_is_name(k) and _is_number(v) for k, v in latency.items())
-        and isinstance(stages, dict)
-        and len(stages) <= 16
-        and all(
-            _is_name(k) and isinstance(v, list) and len(v) == 2 and all(map(_is_number, v))
-            for k, v in stages.items()
-        )
-    ):
-        raise _corrupt("bad recent turn")
-    return {
-        key: raw[key]
-        for key in (
-            "index",
-            "kind",
-            "agent",
-            "tier",
-            "interrupted",
-            "ended_at",
-            "latency_ms",
-            "stages",
-            "tool_calls",
-            "trace_id",
-        )
-    }
-
-
-def snapshot_dir(base: str) -> str:
-    """Where processes leave their monitor snapshots, under PROMETHEUS_MULTIPROC_DIR."""
-    return os.path.join(base, SNAPSHOT_DIRNAME)
-
-
-class SnapshotWriter:
-    """Writes one process's monitor window (and its last few turns) for the ops app to merge.
-
-    `notify` is a turn sink: it only flags the change. A daemon thread writes at most every
-    `min_interval_s` (a trailing write included, so the last turn of a burst is not stranded)
-    with write-temp-then-os.replace, so a reader never sees half a file. No fsync: the crash
-    that matters is the process's, and the page cache outlives it. `close` writes a final
-    snapshot under a ".final" name that readers keep counting until its slices expire.
-    """
-
-    def __init__(
-        self,
-        monitor: LatencyMonitor,
-        directory: str,
-        *,
-        recent: RecentTurns | None = None,
-        min_interval_s: float = SNAPSHOT_INTERVAL_S,
-        max_bytes: int = MAX_SNAPSHOT_BYTES,
-        recent_turns: int = SNAPSHOT_RECENT_TURNS,
-    ) -> None:
-        self.monitor = monitor
-        self.directory = directory
-        self.pid = os.getpid()
-        self.path = os.path.join(directory, f"monitor_{self.pid}.json")
-        self._temp = os.path.join(directory, f".monitor_{self.pid}.json.tmp")
-        self._recent = recent
-        self._min_interval_s = min_interval_s
-        self._max_bytes = max_bytes
-        self._recent_turns = recent_turns
-        self._cond = threading.Condition()
-        self._write_lock = threading.Lock()
-        self._dirty = False
-        self._closed = False
-        self._finalized = False
-        self._thread: threading.Thread | None = None
-        self.writes = 0
-        self.failures = 0
-        self.truncated = 0  # series left out of size-capped snapshots, in total
-        self.last_bytes = 0
-        self._warned_at = -math.inf
-
-    def notify(self, turn: Turn | None = None) -> None:
-        """The monitor changed: write within min_interval_s. Cheap; never blocks on I/O."""
-        del turn
-        with self._cond:
-            if self._closed:
-                return
-            self._dirty = True
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="lk-observe-snapshot", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-
-    def close(self, timeout_s: float = 2.0) -> None:
-        """Stop the thread and write the final snapshot (if anything was ever recorded)."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            pending = self._dirty or self.writes > 0
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        if pending:
-            self._write_logged(final=True, timeout_s=timeout_s)
-
-    def write(self, *, final: bool = False, timeout_s: float = -1) -> int:
-        """Write the snapshot now; its size in bytes (0 when skipped). Blocking: off the loop."""
-        if not self._write_lock.acquire(timeout=timeout_s):
-            raise TimeoutError("a snapshot write is stuck")
-        try:
-            if self._finalized:
-                return 0
-            data = self._encode(final)
-            os.makedirs(self.directory, exist_ok=True)
-            with open(self._temp, "wb") as file:
-                file.write(data)
-            os.replace(self._temp, self.path)
-            if final:
-                # A rename keeps the file under one name at any moment: never counted twice.
-                final_name = f"monitor_{self.pid}.{time.time_ns()}.final.json"
-                os.replace(self.path, os.path.join(self.directory, final_name))
-                self._finalized = True
-            self.writes += 1
-            self.last_bytes = len(data)
-            return len(data)
-        finally:
-            self._write_lock.release()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._dirty and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                self._dirty = False
-            self._write_logged(final=False)
-            with self._cond:  # throttle; close() cuts the wait short
-                self._cond.wait_for(lambda: self._closed, self._min_interval_s)
-
-    def _write_logged(self, *, final: bool, timeout_s: float = -1) -> None:
-        try:
-            self.write(final=final, timeout_s=timeout_s)
-        except Exception:  # a full disk costs the ops app this process's numbers, nothing more
-            self.failures += 1
-            logger.warning("lk_observe could not write a monitor snapshot", exc_info=True)
-
-    def _encode(self, final: bool) -> bytes:
-        state = self.monitor.snapshot()
-        series: list[dict[str, Any]] = state.pop("series")
-        state.update(pid=self.pid, final=final, written_at=time.time())
-        recent_json = "[]"
-        if self._recent is not None and self._recent_turns > 0:
-            summaries = []
-            for turn in self._recent.turns()[-self._recent_turns :]:
-                # the reader's own check: one odd turn must not get the whole file refused
-                with contextlib.suppress(SnapshotError):
-                    summaries.append(_clean_summary(turn_summary(turn)))
-            try:
-                recent_json = _dumps(summaries)
-            except ValueError:  # NaN in a turn: the page loses those turns, not the numbers
-                recent_json = "[]"
-            if len(recent_json) > self._max_bytes // 4:
-                recent_json = "[]"
-        head = _dumps(state)
-        used = len(head) + len(recent_json) + 64
-        kept: list[str] = []
-        dropped = 0
-        for entry in series:  # aggregates first: dropping from the end loses per-agent views
-            text = _dumps(entry)
-            too_long = len(entry["c"]) > _MAX_NAME or len(entry["a"] or "") > _MAX_NAME
-            if too_long or used + len(text) + 1 > self._max_bytes:
-                dropped += 1
-                continue
-            kept.append(text)
-            used += len(text) + 1
-        if dropped:
-            self.truncated += dropped
-        if dropped and time.monotonic() - self._warned_at >= _WARN_EVERY_S:
-            self._warned_at = time.monotonic()
-            logger.warning(
-                "lk_observe snapshot: %d series left out (over %d bytes or names over %d chars)",
-                dropped,
-                self._max_bytes,
-                _MAX_NAME,
-            )
-        # head is a non-empty object: splice the big lists in without re-encoding them
-        series_json = ",".join(kept)
-        body = (
-            f'{head[:-1]},"truncated":{dropped},"series":[{series_json}],"recent":{recent_json}}}'
-        )
-        return body.encode()
-
-
-def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-_writer: SnapshotWriter | None = None
-_writer_lock = threading.Lock()
-_writer_mismatch_logged = False
-
-
-def snapshot_writer(monitor: LatencyMonitor) -> SnapshotWriter | None:
-    """This process's writer when PROMETHEUS_MULTIPROC_DIR is set (else None), bound to the
-    first monitor it is asked for: one file per process holds one monitor."""
-    global _writer, _writer_mismatch_logged
-    base = multiproc_dir()
-    if base is None:
-        return None
-    with _writer_lock:
-        if _writer is None:
-            _writer = SnapshotWriter(monitor, snapshot_dir(base), recent=default_recent_turns())
-            # also runs when a multiprocessing child (a LiveKit job process) returns
-            multiprocessing.util.Finalize(None, _close_writer, exitpriority=10)
-        if _writer.monitor is monitor:
-            return _writer
-        if not _writer_mismatch_logged:
-            _writer_mismatch_logged = True
-            logger.warning(
-                "lk_observe shares one monitor per process with the ops app; "
-                "turns recorded into another monitor stay in this process"
-            )
-        return None
-
-
-def snapshot_sinks(monitor: LatencyMonitor) -> list[tuple[str, Callable[[Turn], None]]]:
-    """The turn sinks that share `monitor` with the ops app ([] outside multiprocess mode)."""
-    writer = snapshot_writer(monitor)
-    return [] if writer is None else [("snapshot", writer.notify)]
-
-
-def _close_writer() -> None:
-    writer = _writer
-    if writer is not None and writer.pid == os.getpid():
-        writer.close()
-
-
-def _forget_writer_after_fork() -> None:
-    # The child has the parent's writer object but not its thread, and another pid.
-    global _writer
-    _writer = None
-
-
-if hasattr(os, "register_at_fork"):  # POSIX only; nothing forks elsewhere
-    os.register_at_fork(after_in_child=_forget_writer_after_fork)
-
-
-@dataclass(frozen=True)
-class MergedView:
-    """What the ops app shows in multiprocess mode."""
-
-    monitor: MergedMonitor
-    recent: list[dict[str, Any]]  # turn summaries, oldest first
-    processes: int  # other processes' snapshots merged in
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    path: str
-    pid: int
-    final: bool
-    mtime_ns: int
-    size: int
-
-
-# a snapshot file's validated series and recent turns
-_Parsed = tuple[list[tuple[str, str | None, list[_Part]]], list[dict[str, Any]]]
-
-
-class SnapshotReader:
-    """Merges a monitor with the snapshots other processes left in `directory`.
-
-    Blocking (file I/O): call `view()` from a worker thread. Results are cached for
-    `max_age_s`, so the page's simultaneous requests share one merge. Bad files (corrupt,
-    truncated, too large, another version or window) are skipped and counted in `skipped`.
-    Files of dead processes that did not exit cleanly are deleted, as are expired final files.
-    """
-
-    def __init__(
-        self,
-        monitor: LatencyMonitor,
-        directory: str,
-        *,
-        recent: RecentTurns | None = None,
-        max_age_s: float = 0.5,
-        max_files: int = MAX_SNAPSHOT_FILES,
-        max_bytes: int = MAX_SNAPSHOT_BYTES,
-        max_total_bytes: int = MAX_SNAPSHOT_TOTAL_BYTES,
-        recent_turns: int = 50,
-    ) -> None:
-        self.monitor = monitor
-        self.directory = directory
-        self._recent = recent
-        self._max_age_s = max_age_s
-        self._max_files = max_files
-        self._max_bytes = max_bytes
-        self._max_total_bytes = max_total_bytes
-        self._recent_turns = recent_turns
-        self._lock = threading.Lock()
-        self._cached: MergedView | None = None
-        self._cached_at = -math.inf
-        self._skipped: dict[str, int] = {}
-        self._last_warned: dict[str, float] = {}
-        # (path, mtime_ns, size) -> what the file held; only files of the latest listing
-        self._parsed: dict[tuple[str, int, int], _Parsed | str] = {}
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        """Snapshot files skipped so far, by reason (a copy)."""
-        with self._lock:
-            return dict(self._skipped)
-
-    def view(self) -> MergedView:
-        """This process's monitor plus every live process's snapshot. Never raises."""
-        with self._lock:
-            now = time.monotonic()
-            if self._cached is not None and now - self._cached_at < self._max_age_s:
-                return self._cached
-            try:
-                view = self._merge()
-            except Exception:  # the ops app must answer; at worst with this process alone
-                logger.exception("lk_observe could not merge monitor snapshots")
-                self._count("error", self.directory)
-                view = self._merge_own()
-            self._cached, self._cached_at = view, time.monotonic()
-            return view
-
-    def _merge_own(self) -> MergedView:
-        merged = MergedMonitor.like(self.monitor)
-        merged.merge(self.monitor.snapshot())
-        recent = [] if self._recent is None else [turn_summary(t) for t in self._recent.turns()]
-        return MergedView(merged, recent[-self._recent_turns :], 0)
-
-    def _merge(self) -> MergedView:
-        own = self._merge_own()
-        merged, recent = own.monitor, own.recent
-        processes = 0
-        budget = self._max_total_bytes
-        parsed_before, self._parsed = self._parsed, {}
-        cached_bytes = 0
-        for candidate in self._candidates():
-            key = (candidate.path, candidate.mtime_ns, candidate.size)
-            # A file unchanged since the last merge (every final one, most live ones at the
-            # page's poll rate) is not read or validated again.
-            entry = parsed_before.get(key)
-            if entry is None:
-                if budget < candidate.size:
-                    self._count("over_limit", candidate.path)
-                    continue
-                budget -= candidate.size
-                entry = self._load(candidate.path)
-                if entry is None:
-                    continue
-            if cached_bytes + candidate.size <= _MAX_CACHED_BYTES:
-                self._parsed[key] = entry
-                cached_bytes += candidate.size
-            if isinstance(entry, str):
-                self._count(entry, candidate.path)
-                continue
-            series, cleaned = entry
-            try:
-                merged.merge_parsed(series)
-            except SnapshotError as exc:
-                self._count(exc.reason, candidate.path)
-                continue
-            recent.extend(cleaned)
-            processes += 1
-        recent.sort(key=_ended_at)
-        return MergedView(merged, recent[-self._recent_turns :], processes)
-
-    def _load(self, path: str) -> _Parsed | str | None:
-        """A file's validated content, or why it is skipped (None: gone meanwhile)."""
-        data = self._read(path)
-        if data is None:
-            return None
-        if len(data) > self._max_bytes:
-            return "too_large"
-        try:
-            state = json.loads(data)
-            if not isinstance(state, dict):
-                raise _corrupt("not a JSON object")
-            summaries = state.get("recent", [])
-            if not isinstance(summaries, list) or len(summaries) > 4 * SNAPSHOT_RECENT_TURNS:
-                raise _corrupt("bad recent list")
-            cleaned = [_clean_summary(raw) for raw in summaries]
-            series = parse_snapshot(state, self.monitor.window_s, self.monitor._slices)
-        except SnapshotError as exc:
-            return exc.reason
-        except (ValueError, RecursionError):  # not JSON: truncated, garbage, not UTF-8
-            return "corrupt"
-        return series, cleaned
-
-    def _candidates(self) -> list[_Candidate]:
-        """Snapshots worth reading, newest first; deletes those of dead or long-gone processes."""
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        except OSError:
-            self._count("unreadable", self.directory)
-            return []
-        own = os.getpid()
-        wall_ns = time.time_ns()
-        # after this long a file holds no live slice (mtime is its last write)
-        horizon_ns = int((self.monitor.window_s * (1 + 1 / self.monitor._slices) + 1) * 1e9)
-        found: list[_Candidate] = []
-        for name in names:
-            path = os.path.join(self.directory, name)
-            temp = _TEMP_FILE.match(name)
-            if temp is not None:
-                if not _pid_alive(int(temp.group(1))):
-                    _remove(path)  # a writer died between write and rename
-                continue
-            live, final = _LIVE_FILE.match(name), _FINAL_FILE.match(name)
-            match = live or final
-            if match is None:
-                continue
-            pid = int(match.group(1))
-            if live is not None and pid == own:
-                continue  # this process's monitor is merged directly, and fresher
-            try:
-                info = os.lstat(path)
-            except OSError:
-                continue  # renamed or deleted meanwhile
-            if not stat.S_ISREG(info.st_mode):
-                continue
-            expired = wall_ns - info.st_mtime_ns > horizon_ns
-            if final is not None:
-                if expired:
-                    _remove(path)
-                    continue
-            elif not _pid_alive(pid):
-                # killed without a goodbye (no final snapshot): drop it, as /metrics drops its
-                # live gauges; its turns are in Prometheus counters, not in this window
-                _remove(path)
-                self._count("dead", path)
-                continue
-            elif expired:
-                self._count("stale", path)
-                continue
-            found.append(_Candidate(path, pid, final is not None, info.st_mtime_ns, info.st_size))
-        # mid-rename a process can show under both names: the final one wins
-        finals = {c.pid: c.mtime_ns for c in found if c.final}
-        found = [c for c in found if c.final or finals.get(c.pid, -1) < c.mtime_ns]
-        found.sort(key=_newest_first)
-        for extra in found[self._max_files :]:
-            self._count("over_limit", extra.path)
-        return found[: self._max_files]
-
-    def _read(self, path: str) -> bytes | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            return None  # the process exited (renamed to final) or was reaped meanwhile
-        except OSError:
-            self._count("unreadable", path)
-            return None
-        try:
-            with os.fdopen(fd, "rb") as file:
-                data = file.read(self._max_bytes + 1)
-        except OSError:
-            self._count("unreadable", path)
-            return None
-        return data  # one byte over max_bytes tells _load it is too large
-
-    def _count(self, reason: str, path: str) -> None:
-        self._skipped[reason] = self._skipped.get(reason, 0) + 1
-        if reason in ("dead", "stale"):
-            return  # routine: processes end
-        now = time.monotonic()
-        last = self._last_warned.get(reason)
-        if last is not None and now - last < _WARN_EVERY_S:
-            return
-        self._last_warned[reason] = now
-        logger.warning("lk_observe skipped monitor snapshot %s (%s)", path, reason)
-
-
-def _ended_at(summary: dict[str, Any]) -> float:
-    return float(summary["ended_at"])
-
-
-def _newest_first(candidate: _Candidate) -> int:
-    return -candidate.mtime_ns
-
-
-def _remove(path: str) -> None:
-    # another reader may have removed it first; a read-only directory leaves it for someone else
-    with contextlib.suppress(OSError):
-        os.unlink(path)

@@ -5,8 +5,11 @@ BatchSpanProcessor wraps an OTLP exporter (http/protobuf or grpc) with:
   - a bounded export: the 1.45 exporters put every retry and back-off inside one deadline
     (`timeout`), so one export call, retries included, never outlasts `timeout_s`;
   - counting: exported / failed (incl. raised exceptions, which never propagate) / dropped
-    (BatchSpanProcessor queue full) spans; failed + dropped go to
-    `voice_agent_sink_failures_total{sink="span_export"}` and to `export_health()`.
+    (evicted from the full BatchSpanProcessor queue; seen when the next batch is exported)
+    spans; failed + dropped go to `voice_agent_sink_failures_total{sink="span_export"}` and to
+    `export_health()`. Once the queue is drained, exported + failed + dropped == spans ended.
+Public SDK / exporter / requests API only: drops are found by numbering spans as they enter
+the queue (a first-in first-out queue that evicts its oldest span), not by replacing it.
 `shutdown_tracing()` / `flush_tracing()` run provider.shutdown / force_flush on a daemon
 thread and give up waiting after `timeout_s`: with a black-holed collector the SDK calls block
 for up to ~30 s, and they must never run on the agent's event loop.
@@ -15,28 +18,28 @@ for up to ~30 s, and they must never run on the agent's event loop.
 from __future__ import annotations
 
 import atexit
-import inspect
 import logging
 import math
 import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import TracerProvider as ApiTracerProvider
 from prometheus_client import CollectorRegistry
-from requests.adapters import HTTPAdapter
 
 from lk_observe.metrics import LatencyMetrics
+
+if TYPE_CHECKING:
+    import requests
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +47,19 @@ SINK = "span_export"  # the voice_agent_sink_failures_total{sink} value for lost
 PROTOCOLS: tuple[str, ...] = ("http/protobuf", "grpc")
 _DEFAULT_PROTOCOL = "http/protobuf"  # the OTLP spec's default; http/json has no Python exporter
 _HTTP_TRACES_PATH = "/v1/traces"
+# where each exporter sends when neither an endpoint nor the environment names one
+_DEFAULT_ENDPOINTS = {"http/protobuf": "http://localhost:4318", "grpc": "http://localhost:4317"}
 _DEFAULT_BATCH_SIZE = 512  # the SDK's default max_export_batch_size
 _EXIT_SHUTDOWN_S = 5.0  # interpreter exit waits at most this long for every provider together
+# a failed export that used this much of its deadline timed out (the exporters give up early
+# only when the next back-off would not fit)
+_TIMED_OUT_FRACTION = 0.95
 
 
 @dataclass
 class _ExportStats:
-    """One provider's export outcome counts. Written by the BSP worker (exports) and by
-    whatever thread ends spans (drops); read by export_health()."""
+    """One provider's export outcome counts. Written by the BSP worker (exports, drops) and
+    by shutdown (spans it abandoned); read by export_health()."""
 
     protocol: str
     collector: str  # host:port only: never a path, query or credentials
@@ -61,7 +69,7 @@ class _ExportStats:
     last_error: str | None = None
     last_success_unix: float | None = None
     last_failure_unix: float | None = None
-    attempt_error: str | None = None  # what the transport saw during the current export
+    attempt_error: str | None = None  # what the HTTP transport saw during the current export
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def success(self, spans: int) -> None:
@@ -108,37 +116,93 @@ class _FailureCounter:
 
     def __init__(self, metrics: LatencyMetrics) -> None:
         self._metrics = metrics
-        # metrics.sink_failure(sink) counts one; a later `amount` parameter is used if present,
-        # so a 512-span batch is one call instead of 512.
-        method: Callable[..., None] = metrics.sink_failure
-        try:
-            self._bulk = "amount" in inspect.signature(method).parameters
-        except (TypeError, ValueError):
-            self._bulk = False
-        self._method = method
 
     def add(self, spans: int) -> None:
         try:
-            if self._bulk:
-                self._method(SINK, amount=spans)
-            else:
-                for _ in range(spans):
-                    self._method(SINK)
+            self._metrics.sink_failure(SINK, amount=spans)
         except Exception:  # metrics must not turn an export failure into a crash
             logger.debug("could not count span export failures", exc_info=True)
 
 
-class _CountingExporter(SpanExporter):
-    """Counts every export outcome; nothing the inner exporter raises gets out."""
+class _QueueLedger:
+    """Which spans the BatchSpanProcessor's full queue evicted, from its public behaviour only.
 
-    def __init__(self, inner: SpanExporter, stats: _ExportStats, counter: _FailureCounter) -> None:
+    Spans are numbered in the order they enter the queue (`enter`, called under the
+    processor's lock together with the append). The queue is first-in first-out and a full
+    one evicts its oldest span, so when a batch reaches the exporter every lower number that
+    was never exported has been evicted: each span is counted once, as exported or dropped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # weak: an evicted span is never seen again, and must not be kept alive for its number
+        self._numbers: weakref.WeakKeyDictionary[ReadableSpan, int] = weakref.WeakKeyDictionary()
+        self._entered = 0
+        self._settled = 0  # every span numbered up to here was exported, evicted or written off
+        self._closed = False
+
+    def enter(self, span: ReadableSpan) -> None:
+        self._entered += 1
+        self._numbers[span] = self._entered
+
+    def batch(self, spans: Sequence[ReadableSpan]) -> int | None:
+        """Spans evicted before `spans` left the queue; None: already written off by close()."""
+        with self._lock:
+            if self._closed:
+                return None
+            numbers = [n for n in (self._numbers.pop(s, None) for s in spans) if n is not None]
+            newest = max(numbers, default=0)
+            if newest <= self._settled:
+                return 0
+            evicted = newest - self._settled - sum(1 for n in numbers if n > self._settled)
+            self._settled = newest
+            return evicted
+
+    def close(self) -> int:
+        """After shutdown: spans still unaccounted for (evicted, or abandoned in the queue when
+        shutdown ran out of time) are lost; batches exported from now on are not counted."""
+        with self._lock:
+            self._closed = True
+            left = self._entered - self._settled
+            self._settled = self._entered
+            return left
+
+    def forked(self) -> None:
+        # the child's queue starts empty (what the parent queued is the parent's) and any lock
+        # another thread held at fork time stays held in the child: start afresh
+        self._lock = threading.Lock()
+        self._settled = self._entered
+        self._numbers.clear()
+
+
+class _CountingExporter(SpanExporter):
+    """Counts every export outcome and the evictions the batch reveals; nothing the inner
+    exporter raises gets out."""
+
+    def __init__(
+        self,
+        inner: SpanExporter,
+        stats: _ExportStats,
+        counter: _FailureCounter,
+        ledger: _QueueLedger,
+        timeout_s: float,
+    ) -> None:
         self._inner = inner
         self._stats = stats
         self._counter = counter
+        self._ledger = ledger
+        self._timeout_s = timeout_s
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        evicted = self._ledger.batch(spans)
+        if evicted is None:  # after shutdown wrote these spans off: counted once already
+            return self._export_uncounted(spans)
+        if evicted:
+            self._stats.drop(evicted)
+            self._counter.add(evicted)
         count = len(spans)
         self._stats.attempt_error = None
+        start = time.monotonic()
         try:
             result = self._inner.export(spans)
         except Exception as error:  # the SDK would only log it; we also count it
@@ -147,8 +211,21 @@ class _CountingExporter(SpanExporter):
         if result is SpanExportResult.SUCCESS:
             self._stats.success(count)
         else:
-            self._lost(count, self._stats.attempt_error or "ExportFailed")
+            self._lost(count, self._stats.attempt_error or self._failure_kind(start))
         return result
+
+    def _failure_kind(self, start: float) -> str:
+        # the gRPC exporter reports no status code on public API; the time spent still tells
+        # a collector that never answered from one that refused
+        spent = time.monotonic() - start
+        return "Timeout" if spent >= _TIMED_OUT_FRACTION * self._timeout_s else "ExportFailed"
+
+    def _export_uncounted(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            return self._inner.export(spans)
+        except Exception:
+            logger.debug("span export after shutdown failed", exc_info=True)
+            return SpanExportResult.FAILURE
 
     def _lost(self, count: int, error: str) -> None:
         was_healthy = self._stats.snapshot()["healthy"]
@@ -175,54 +252,68 @@ class _CountingExporter(SpanExporter):
             return False
 
 
-class _DropCountingQueue(deque[Any]):
-    """The batch processor's queue, counting the spans a full queue evicts. Appends and pops
-    share one lock, so the export thread cannot pop between the "full?" check and the append:
-    each eviction is counted exactly once, and nothing that was exported is counted too."""
-
-    def __init__(self, maxlen: int, on_drop: Callable[[], None]) -> None:
-        super().__init__(maxlen=maxlen)
-        self._lock = threading.Lock()
-        self._on_drop = on_drop
-
-    def appendleft(self, item: Any) -> None:
-        with self._lock:
-            evicts = len(self) == self.maxlen
-            super().appendleft(item)  # a full deque drops its oldest (rightmost) item
-        if evicts:
-            self._on_drop()
-
-    def pop(self) -> Any:  # type: ignore[override]  # deque.pop takes no index
-        with self._lock:
-            return super().pop()
-
-
-class _CountingBatchSpanProcessor(BatchSpanProcessor):
-    """Counts the spans the SDK drops, silently apart from one log line, on a full queue."""
+class _CountingProcessor(SpanProcessor):
+    """A BatchSpanProcessor whose spans are numbered, under one lock, as they are queued."""
 
     def __init__(
         self,
-        exporter: SpanExporter,
+        exporter: _CountingExporter,
         stats: _ExportStats,
         counter: _FailureCounter,
+        ledger: _QueueLedger,
         max_queue_size: int,
     ) -> None:
         # the SDK rejects a batch larger than the queue: a small queue gets a smaller batch
-        super().__init__(
+        self._batch = BatchSpanProcessor(
             exporter,
             max_queue_size=max_queue_size,
             max_export_batch_size=min(max_queue_size, _env_batch_size()),
         )
+        self._stats = stats
+        self._counter = counter
+        self._ledger = ledger
+        self._lock = threading.Lock()
+        self._closed = False
+        if hasattr(os, "register_at_fork"):
+            forked = weakref.WeakMethod(self._forked)  # weak: the hook outlives the provider
 
-        def dropped() -> None:
-            stats.drop(1)
-            counter.add(1)
+            def after_in_child() -> None:
+                if (method := forked()) is not None:
+                    method()
 
-        # SDK 1.45 internals (emit appends left, the export thread pops right); another
-        # version degrades to not counting drops, never to a crash
-        batch = getattr(self, "_batch_processor", None)
-        if isinstance(getattr(batch, "_queue", None), deque):
-            batch._queue = _DropCountingQueue(max_queue_size, dropped)  # type: ignore[union-attr]
+            os.register_at_fork(after_in_child=after_in_child)
+
+    def _forked(self) -> None:
+        # a lock held by another thread at fork time would stay held forever in the child
+        self._lock = threading.Lock()
+        self._stats.lock = threading.Lock()
+        self._ledger.forked()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self._batch.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return  # the BatchSpanProcessor never queues these: they must not get a number
+        with self._lock:
+            if self._closed:  # a shut-down processor queues nothing
+                return
+            self._ledger.enter(span)
+            self._batch.on_end(span)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+        try:
+            self._batch.shutdown()  # type: ignore[no-untyped-call]  # unannotated in the SDK
+        finally:
+            lost = self._ledger.close()
+            if lost:
+                self._stats.drop(lost)
+                self._counter.add(lost)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._batch.force_flush(timeout_millis)
 
 
 def _env_batch_size() -> int:
@@ -233,31 +324,37 @@ def _env_batch_size() -> int:
     return size if size > 0 else _DEFAULT_BATCH_SIZE
 
 
-class _RecordingAdapter(HTTPAdapter):
-    """Notes what the HTTP transport saw (status or exception type) for export_health's
-    last_error: the exporter itself only returns FAILURE."""
+def _recording_session(stats: _ExportStats) -> requests.Session:
+    """A requests session (the HTTP exporter's public `session=`) whose transport adapter
+    notes what it saw (status or exception type) for export_health's last_error: the
+    exporter itself only returns FAILURE. Imported here: gRPC users never load requests."""
+    import requests
+    from requests.adapters import HTTPAdapter
 
-    def __init__(self, stats: _ExportStats) -> None:
-        super().__init__()
-        self._lk_stats = stats
+    class RecordingAdapter(HTTPAdapter):
+        def send(
+            self,
+            request: requests.PreparedRequest,
+            stream: bool = False,
+            timeout: Any = None,
+            verify: Any = True,
+            cert: Any = None,
+            proxies: Any = None,
+        ) -> requests.Response:
+            try:
+                response = super().send(request, stream, timeout, verify, cert, proxies)
+            except Exception as error:
+                stats.attempt_error = type(error).__name__
+                raise
+            if response.status_code >= 400:
+                stats.attempt_error = f"HTTP {response.status_code}"
+            return response
 
-    def send(
-        self,
-        request: requests.PreparedRequest,
-        stream: bool = False,
-        timeout: Any = None,
-        verify: Any = True,
-        cert: Any = None,
-        proxies: dict[str, str] | None = None,
-    ) -> requests.Response:
-        try:
-            response = super().send(request, stream, timeout, verify, cert, proxies)
-        except Exception as error:
-            self._lk_stats.attempt_error = type(error).__name__
-            raise
-        if response.status_code >= 400:
-            self._lk_stats.attempt_error = f"HTTP {response.status_code}"
-        return response
+    session = requests.Session()
+    adapter = RecordingAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 # Every provider configure_tracing made and is not shut down yet: export_health() reports them.
@@ -290,14 +387,26 @@ def _http_traces_url(endpoint: str) -> str:
     path = parts.path.rstrip("/")
     if path.endswith(_HTTP_TRACES_PATH):
         return endpoint
-    return urlunsplit(parts._replace(path=path + _HTTP_TRACES_PATH))
+    return urlunsplit((parts.scheme, parts.netloc, path + _HTTP_TRACES_PATH, parts.query, ""))
 
 
-def _collector_label(endpoint: object) -> str:
-    """host:port of the exporter's endpoint, dropping credentials, path and query."""
-    text = str(endpoint or "")
+def _target(protocol: str, endpoint: str | None) -> str:
+    """The endpoint the exporter will use, as both exporters resolve it (host:port only
+    matters here): the argument, then the traces variable, then the generic one."""
+    for candidate in (
+        endpoint,
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ):
+        if candidate:
+            return candidate
+    return _DEFAULT_ENDPOINTS[protocol]
+
+
+def _collector_label(endpoint: str) -> str:
+    """host:port of an endpoint, dropping scheme, credentials, path and query."""
     try:
-        parts = urlsplit(text if "://" in text else f"//{text}")
+        parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
         host = parts.hostname or "unknown"
         return f"{host}:{parts.port}" if parts.port else host
     except ValueError:
@@ -307,8 +416,11 @@ def _collector_label(endpoint: object) -> str:
 def _make_exporter(
     protocol: str, endpoint: str | None, timeout_s: float, stats: _ExportStats
 ) -> SpanExporter:
+    # imported here: each protocol's users load only their own exporter (and grpc or requests)
     if protocol == "grpc":
-        return _grpc_exporter(endpoint, timeout_s, stats)
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=endpoint, timeout=timeout_s)
 
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
         OTLPSpanExporter as HttpExporter,
@@ -317,47 +429,9 @@ def _make_exporter(
     session: requests.Session | None = None
     # a credential-provider session from the environment wins over our recording one
     if not os.environ.get("OTEL_PYTHON_EXPORTER_OTLP_HTTP_TRACES_CREDENTIAL_PROVIDER"):
-        session = requests.Session()
-        adapter = _RecordingAdapter(stats)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
+        session = _recording_session(stats)
     url = _http_traces_url(endpoint) if endpoint else None
     return HttpExporter(endpoint=url, timeout=timeout_s, session=session)
-
-
-def _grpc_exporter(endpoint: str | None, timeout_s: float, stats: _ExportStats) -> SpanExporter:
-    """The gRPC exporter, its stub routed through an interceptor that notes the status code
-    for export_health's last_error (the exporter itself only returns FAILURE). Imported here:
-    HTTP users should not pay for loading grpc."""
-    import grpc  # type: ignore[import-untyped]
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-    class Recorder(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-        def intercept_unary_unary(
-            self, continuation: Callable[[Any, Any], Any], details: Any, request: Any
-        ) -> Any:
-            outcome = continuation(details, request)
-            try:
-                code = outcome.code()
-            except Exception:
-                code = None
-            if code is not None and code != grpc.StatusCode.OK:
-                stats.attempt_error = f"grpc {getattr(code, 'name', code)}"
-            return outcome
-
-    recorder = Recorder()
-
-    class RecordingExporter(OTLPSpanExporter):
-        # SDK 1.45 builds (and on UNAVAILABLE rebuilds) channel and stub here; a version
-        # without this hook simply never calls it and last_error stays "ExportFailed".
-        def _initialize_channel_and_stub(self) -> None:
-            super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
-            channel = getattr(self, "_channel", None)
-            stub = getattr(self, "_stub", None)
-            if channel is not None and stub is not None:
-                self._client = stub(grpc.intercept_channel(channel, recorder))
-
-    return RecordingExporter(endpoint=endpoint, timeout=timeout_s)
 
 
 def configure_tracing(
@@ -383,13 +457,13 @@ def configure_tracing(
     if max_queue_size < 1:
         raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size!r}")
     chosen = _resolve_protocol(protocol)
-    stats = _ExportStats(protocol=chosen, collector="unknown")
-    exporter = _make_exporter(chosen, endpoint, timeout_s, stats)
-    stats.collector = _collector_label(getattr(exporter, "_endpoint", endpoint))
+    stats = _ExportStats(protocol=chosen, collector=_collector_label(_target(chosen, endpoint)))
     counter = _FailureCounter(LatencyMetrics.for_registry(registry))
-    processor = _CountingBatchSpanProcessor(
-        _CountingExporter(exporter, stats, counter), stats, counter, max_queue_size
+    ledger = _QueueLedger()
+    exporter = _CountingExporter(
+        _make_exporter(chosen, endpoint, timeout_s, stats), stats, counter, ledger, timeout_s
     )
+    processor = _CountingProcessor(exporter, stats, counter, ledger, max_queue_size)
     # Resource.create reads OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES; an argument wins.
     resource = Resource.create({SERVICE_NAME: service_name} if service_name else None)
     # No SDK atexit hook: it would call the unbounded shutdown; ours below is bounded.

@@ -18,20 +18,22 @@ import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.exposition import generate_latest as render_text
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as render_openmetrics
 
-from lk_observe.metrics import multiproc_dir, render_metrics
-from lk_observe.monitor import (
-    LatencyMonitor,
+from lk_observe.monitor import LatencyMonitor, default_monitor
+from lk_observe.multiprocess import (
     MergedView,
-    RecentTurns,
     SnapshotReader,
-    default_monitor,
-    default_recent_turns,
+    multiproc_dir,
+    reap_dead_processes,
     snapshot_dir,
-    turn_summary,
 )
 from lk_observe.otlp import export_health
+from lk_observe.recent import RecentTurns, default_recent_turns, turn_summary
 from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ _PAGE_CSP = (
     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 _JSON_HEADERS = {"Cache-Control": "no-store"}
+# Pinned to 0.0.4: the same bytes as prometheus_client's default, and every Prometheus parses it.
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _finite(value: Any) -> Any:
@@ -67,6 +71,24 @@ def _json(
     data: Any, status_code: int = 200, headers: Mapping[str, str] = _JSON_HEADERS
 ) -> JSONResponse:
     return JSONResponse(_finite(data), status_code=status_code, headers=dict(headers))
+
+
+def render_metrics(
+    registry: CollectorRegistry | None = None, openmetrics: bool = False
+) -> tuple[bytes, str]:
+    """Exposition bytes and content type. In multiprocess mode every process's files are merged
+    (as LiveKit's own /metrics does) and `registry` is ignored. Blocking: call it off the loop."""
+    directory = multiproc_dir()
+    target: CollectorRegistry
+    if directory and os.path.isdir(directory):
+        reap_dead_processes(directory)
+        target = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(target, path=directory)  # type: ignore[no-untyped-call]
+    else:
+        target = REGISTRY if registry is None else registry
+    if openmetrics:
+        return render_openmetrics(target), OPENMETRICS_CONTENT_TYPE  # type: ignore[no-untyped-call]
+    return render_text(target), TEXT_CONTENT_TYPE
 
 
 def add_readiness_check(app: FastAPI, name: str, check: ReadinessCheck) -> None:

@@ -1,19 +1,26 @@
-"""SLO specs: what "fast enough" means, shared by in-process evaluation, rules and dashboards."""
+"""SLO specs: what "fast enough" means, shared by in-process evaluation, rules and dashboards.
+
+Offline like rules.py and dashboards.py, which build on it: evaluation takes any object with the
+monitor's counting methods, so this module never loads the runtime.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
 
-from lk_observe.metrics import LATENCY_BUCKETS_S
-from lk_observe.monitor import LatencyMonitor
+from lk_observe.promql import LATENCY_BUCKETS_S, bucket_edge, duration_seconds
+from lk_observe.turns import COMPONENTS, EXCELLENT_BELOW_MS, GOOD_BELOW_MS, Tier
 
 Severity = Literal["page", "ticket"]
-COMPONENTS = ("e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb")
+SEVERITIES: tuple[Severity, ...] = get_args(Severity)
+_SEVERITY_CHOICES = " or ".join(repr(s) for s in SEVERITIES)  # "'page' or 'ticket'"
 
 
 @dataclass(frozen=True)
@@ -32,14 +39,6 @@ DEFAULT_BURN_WINDOWS: tuple[BurnWindow, ...] = (
     BurnWindow("1d", "2h", 3.0, "ticket"),
     BurnWindow("3d", "6h", 1.0, "ticket"),
 )
-
-
-def duration_seconds(text: str) -> float:
-    """Parse a single-unit Prometheus duration ("5m", "1h", "30d") into seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
-        raise ValueError(f"not a Prometheus duration like '5m' or '1h': {text!r}")
-    return int(text[:-1]) * units[text[-1]]
 
 
 @dataclass(frozen=True)
@@ -66,15 +65,15 @@ class SLO:
             raise ValueError(f"SLO component must be one of {COMPONENTS}, got {self.component!r}")
         if not (isinstance(self.threshold_s, (int, float)) and math.isfinite(self.threshold_s)):
             raise ValueError(f"SLO threshold must be a finite number, got {self.threshold_s!r}")
-        if not any(math.isclose(self.threshold_s, edge) for edge in LATENCY_BUCKETS_S):
+        if bucket_edge(self.threshold_s) is None:
             raise ValueError(
                 f"SLO {self.name}: threshold {self.threshold_s}s is not a histogram bucket edge; "
                 f"choose one of {list(LATENCY_BUCKETS_S)} so Prometheus can count it exactly"
             )
         if not 0.0 < self.objective < 1.0:
             raise ValueError(f"SLO objective must be in (0, 1), got {self.objective!r}")
-        if self.severity not in ("page", "ticket"):
-            raise ValueError(f"SLO severity must be 'page' or 'ticket', got {self.severity!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"SLO severity must be {_SEVERITY_CHOICES}, got {self.severity!r}")
         duration_seconds(self.period)
         for window in self.windows:
             duration_seconds(window.long)
@@ -94,15 +93,156 @@ class SLO:
         return "ticket" if self.severity == "ticket" else window.severity
 
 
+def _tier_slo(tier: Tier, below_ms: float, severity: Severity) -> SLO:
+    """95% of turns within one of the guide's e2e tiers."""
+    return SLO(f"e2e_{tier}", "e2e", below_ms / 1000.0, objective=0.95, severity=severity)
+
+
+# Only falling out of the Good tier pages; missing Excellent is a ticket.
 DEFAULT_SLOS: tuple[SLO, ...] = (
-    SLO(name="e2e_good", component="e2e", threshold_s=0.8, objective=0.95, severity="page"),
-    SLO(name="e2e_excellent", component="e2e", threshold_s=0.5, objective=0.95, severity="ticket"),
+    _tier_slo("good", GOOD_BELOW_MS, "page"),
+    _tier_slo("excellent", EXCELLENT_BELOW_MS, "ticket"),
 )
+
+
+# --- User SLO files -----------------------------------------------------------------------
+
+
+class SLOFileError(ValueError):
+    """A user SLO file that cannot be turned into SLO specs; the message says where and why."""
+
+
+_SLO_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "component": (str,),
+    "threshold_s": (int, float),
+    "objective": (int, float),
+    "severity": (str,),
+    "period": (str,),
+    "windows": (list,),
+    "min_turns_per_hour": (int,),
+}
+_SLO_REQUIRED = ("name", "component", "threshold_s", "objective")
+_WINDOW_FIELDS: dict[str, tuple[type, ...]] = {
+    "long": (str,),
+    "short": (str,),
+    "factor": (int, float),
+    "severity": (str,),
+}
+
+
+def _check_fields(
+    where: str, data: object, fields: Mapping[str, tuple[type, ...]], required: Sequence[str]
+) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise SLOFileError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(str(k) for k in data if k not in fields)
+    if unknown:
+        raise SLOFileError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise SLOFileError(f"{where}: missing required key(s) {missing}")
+    for key, value in data.items():
+        # bool is an int subclass; `objective: true` is a typo, not 1.0.
+        if isinstance(value, bool) or not isinstance(value, fields[key]):
+            wanted = " or ".join(t.__name__ for t in fields[key])
+            raise SLOFileError(f"{where}: {key} must be {wanted}, got {value!r}")
+    return dict(data)
+
+
+def _parse_slo(where: str, data: object) -> SLO:
+    raw = _check_fields(where, data, _SLO_FIELDS, _SLO_REQUIRED)
+    if "windows" in raw:
+        windows = []
+        for i, item in enumerate(raw["windows"]):
+            w = _check_fields(f"{where}.windows[{i}]", item, _WINDOW_FIELDS, tuple(_WINDOW_FIELDS))
+            if w["severity"] not in SEVERITIES:
+                raise SLOFileError(f"{where}.windows[{i}]: severity must be {_SEVERITY_CHOICES}")
+            windows.append(BurnWindow(w["long"], w["short"], float(w["factor"]), w["severity"]))
+        if not windows:
+            raise SLOFileError(f"{where}: windows must not be empty (omit it for the defaults)")
+        raw["windows"] = tuple(windows)
+    if "threshold_s" in raw:
+        raw["threshold_s"] = float(raw["threshold_s"])
+    try:
+        return SLO(**raw)
+    except ValueError as exc:
+        raise SLOFileError(f"{where}: {exc}") from exc
+
+
+def parse_slos(data: object, *, source: str = "<data>") -> tuple[SLO, ...]:
+    """SLO specs from parsed YAML/TOML: a mapping with one key, `slos`, a list of SLO tables."""
+    top = _check_fields(source, data, {"slos": (list,)}, ("slos",))
+    items = top["slos"]
+    if not items:
+        raise SLOFileError(f"{source}: slos is empty")
+    slos = tuple(_parse_slo(f"{source}: slos[{i}]", item) for i, item in enumerate(items))
+    names = [s.name for s in slos]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SLOFileError(f"{source}: duplicate SLO name(s) {duplicates}")
+    return slos
+
+
+def load_slos(path: str | Path) -> tuple[SLO, ...]:
+    """Read SLO specs from a .toml file or a YAML file (.yaml/.yml or anything else).
+
+    ```yaml
+    slos:
+      - name: e2e_good
+        component: e2e
+        threshold_s: 0.8
+        objective: 0.95
+        severity: page           # optional, default page
+        min_turns_per_hour: 30   # optional
+        windows:                 # optional, default: DEFAULT_BURN_WINDOWS
+          - {long: 1h, short: 5m, factor: 14.4, severity: page}
+    ```
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SLOFileError(f"{path}: cannot read SLO file: {exc.strerror or exc}") from exc
+    # parsers imported here: the agent imports this module for evaluation and never reads files
+    data: object
+    if path.suffix.lower() == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib as toml
+        else:  # pragma: no cover - exercised only on 3.10
+            try:
+                import tomli as toml
+            except ImportError:
+                msg = f"{path}: TOML needs Python 3.11+ or `pip install tomli`"
+                raise SLOFileError(msg) from None
+        try:
+            data = toml.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, toml.TOMLDecodeError) as exc:
+            raise SLOFileError(f"{path}: invalid TOML: {exc}") from exc
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise SLOFileError(f"{path}: invalid YAML: {exc}") from exc
+    return parse_slos(data, source=str(path))
 
 
 # --- In-process evaluation over the monitor's rolling window ---------------------------------
 
 logger = logging.getLogger(__name__)
+
+
+class CountingMonitor(Protocol):
+    """What evaluation reads from a monitor (lk_observe.LatencyMonitor is one)."""
+
+    @property
+    def window_s(self) -> float: ...
+
+    def count_at_or_below(
+        self, component: str, threshold_ms: float, *, agent: str | None = None
+    ) -> tuple[int, int]: ...
 
 
 @dataclass(frozen=True)
@@ -147,7 +287,7 @@ def breach_burn_rate(slo: SLO) -> float:
     return min(candidates, key=lambda w: duration_seconds(w.long)).factor
 
 
-def evaluate(slo: SLO, monitor: LatencyMonitor, *, agent: str | None = None) -> SLOStatus:
+def evaluate(slo: SLO, monitor: CountingMonitor, *, agent: str | None = None) -> SLOStatus:
     """The SLO's standing over the monitor's window, counted exactly at the threshold edge."""
     good, total = monitor.count_at_or_below(slo.component, slo.threshold_ms, agent=agent)
     bad = total - good
@@ -179,7 +319,7 @@ class SLOEvaluator:
     def __init__(
         self,
         slos: Iterable[SLO],
-        monitor: LatencyMonitor,
+        monitor: CountingMonitor,
         on_breach: Callable[[SLOStatus], None] | None = None,
         *,
         agent: str | None = None,

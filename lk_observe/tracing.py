@@ -123,7 +123,7 @@ class TurnTracer:
 
     def _child(self, turn: Turn, key: str, stage: Stage, parent: otel_context.Context) -> None:
         # the span's own start/end carry its latency (also on the root as voice.latency.*):
-        # no per-child attributes beyond gen_ai.*, each costs the SDK ~2 us per turn
+        # no per-child attributes beyond gen_ai.*: each one costs the SDK per turn (performance.md)
         name = _CHILD_SPANS.get(key)
         attributes: dict[str, AttributeValue] | None = None
         if name is None:

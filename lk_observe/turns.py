@@ -6,10 +6,26 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, get_args
 
 Tier = Literal["excellent", "good", "slow"]
 TurnKind = Literal["user", "agent"]  # "agent": agent-initiated speech (a greeting), no user turn
+
+# Every component a turn can measure, in display order, with the title people see for it.
+COMPONENT_TITLES: Mapping[str, str] = MappingProxyType(
+    {
+        "e2e": "End-to-end (perceived)",
+        "vad": "VAD",
+        "stt": "STT final transcript",
+        "eou": "End of turn",
+        "llm_ttft": "LLM time to first token",
+        "tts_ttfb": "TTS time to first byte",
+    }
+)
+COMPONENTS: tuple[str, ...] = tuple(COMPONENT_TITLES)
+STAGES: tuple[str, ...] = COMPONENTS[1:]  # the pipeline's own stages: everything but e2e
+TIERS: tuple[Tier, ...] = get_args(Tier)
 
 # The guide's tiers for perceived (e2e) latency.
 EXCELLENT_BELOW_MS = 500.0

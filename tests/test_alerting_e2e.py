@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from lk_observe.metrics import LATENCY_BUCKETS_S
+from lk_observe.promql import LATENCY_BUCKETS_S
 from lk_observe.rules import (
     BURN_ALERT,
     NO_TURNS_ALERT,

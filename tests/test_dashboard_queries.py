@@ -31,7 +31,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from lk_observe.dashboards import render_dashboards
 from lk_observe.metrics import LatencyMetrics
-from lk_observe.slo import COMPONENTS, DEFAULT_SLOS
+from lk_observe.slo import DEFAULT_SLOS
+from lk_observe.turns import COMPONENTS
 from tests import promstack
 
 AGENTS = ("support", "sales")

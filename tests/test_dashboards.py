@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from lk_observe.dashboards import build_dashboards, render_dashboards
+from lk_observe.presets import GUIDE_BUDGET
 from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow
+from lk_observe.turns import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_DIR = REPO / "dashboards"
@@ -159,6 +161,26 @@ def test_e2e_threshold_lines_come_from_the_slos() -> None:
     assert e2e_steps(DEFAULT_SLOS) == [0.5, 0.8]
     tighter = (SLO(name="fast", component="e2e", threshold_s=0.6, objective=0.9),)
     assert e2e_steps(tighter) == [0.6]
+
+
+def test_budget_panels_read_the_guides_one_budget_table() -> None:
+    panels = {p["title"]: p for p in _panels(_rendered()["voice-agent-components.json"])}
+    lines = [line for line in GUIDE_BUDGET if line.component in STAGES]  # network: not measured
+    bars = panels["p50 per stage vs the guide (dashboard range)"]
+    assert [t["legendFormat"] for t in bars["targets"]] == [line.component for line in lines]
+    steps = {
+        o["matcher"]["options"]: [s["value"] for s in o["properties"][0]["value"]["steps"]]
+        for o in bars["fieldConfig"]["overrides"]
+    }
+    assert steps == {
+        line.component: [None, line.range_ms[0] / 1000, line.range_ms[1] / 1000] for line in lines
+    }
+    stacked = panels["Pipeline budget: stacked p50 vs the guide"]
+    guide = {
+        t["legendFormat"]: t["expr"] for t in stacked["targets"] if "guide" in t["legendFormat"]
+    }
+    assert guide == {"guide budget low": "vector(0.54)", "guide budget high": "vector(0.78)"}
+    assert "(540-780 ms; network is not visible from the agent)" in stacked["description"]
 
 
 def test_slo_panels_follow_each_slos_threshold_windows_and_period() -> None:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
+from lk_observe.recent import default_recent_turns
 
 SLOW_LLM = ScriptedTurn(llm_ttft_s=0.55)  # 550 ms TTFT: over the guide's 300 ms LLM budget
 
@@ -107,7 +108,7 @@ def test_budget_overrun_is_counted_and_on_the_span(played) -> None:  # type: ign
 
 def test_recent_turns_ring_sees_every_turn(played) -> None:  # type: ignore[no-untyped-def]
     turns, _, _, _ = played
-    recent = {(t.session_id, t.index) for t in lk_observe.default_recent_turns().turns()}
+    recent = {(t.session_id, t.index) for t in default_recent_turns().turns()}
     assert {(t.session_id, t.index) for t in turns} <= recent
 
 
@@ -116,7 +117,7 @@ def test_no_id_like_label_anywhere(played) -> None:  # type: ignore[no-untyped-d
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from lk_observe.metrics import render_metrics
+    from lk_observe.server import render_metrics
 
     turns, registry, _, _ = played
     body, _ = render_metrics(registry)

@@ -25,7 +25,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from lk_observe.metrics import LatencyMetrics
-from lk_observe.monitor import LatencyMonitor, RecentTurns
+from lk_observe.monitor import LatencyMonitor
+from lk_observe.recent import RecentTurns
 from lk_observe.server import Server, serve
 from lk_observe.turns import Stage, Turn, tier_for
 

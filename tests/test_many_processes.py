@@ -113,7 +113,7 @@ def sample(found: Samples, name: str, **labels: str) -> float:
 
 
 def scrape() -> Samples:
-    from lk_observe.metrics import render_metrics
+    from lk_observe.server import render_metrics
 
     body, _ = render_metrics()
     return samples(body.decode())

@@ -10,12 +10,10 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from lk_observe.metrics import (
     LATENCY_BUCKETS_S,
-    OPENMETRICS_CONTENT_TYPE,
-    TEXT_CONTENT_TYPE,
     LatencyMetrics,
-    render_metrics,
     sanitize_label,
 )
+from lk_observe.server import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, render_metrics
 from lk_observe.turns import Turn, tier_for
 
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import pytest
 
-from lk_observe.metrics import LATENCY_BUCKETS_S
 from lk_observe.monitor import STAT_KEYS, LatencyMonitor, default_monitor
+from lk_observe.promql import LATENCY_BUCKETS_S
 from lk_observe.turns import Turn
 from tests.benchmods import load_benchmark
 

@@ -25,7 +25,8 @@ from prometheus_client.core import GaugeMetricFamily
 import lk_observe
 from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.metrics import LatencyMetrics
-from lk_observe.monitor import LatencyMonitor, RecentTurns
+from lk_observe.monitor import LatencyMonitor
+from lk_observe.recent import RecentTurns
 from lk_observe.server import MAX_CONCURRENT_SCRAPES, Server, serve
 from lk_observe.turns import Turn, tier_for
 

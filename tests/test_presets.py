@@ -11,6 +11,8 @@ import pytest
 from lk_observe import presets
 from lk_observe.presets import (
     DEFAULT_BUDGET,
+    GUIDE_BUDGET,
+    GUIDE_TOTAL_MS,
     MODEL_LATENCY,
     SPEED_PROFILES,
     VAD_PRESETS,
@@ -20,7 +22,15 @@ from lk_observe.presets import (
     expected_latency,
     model_latency,
 )
-from lk_observe.turns import Turn, tier_for
+from lk_observe.turns import (
+    COMPONENTS,
+    EXCELLENT_BELOW_MS,
+    GOOD_BELOW_MS,
+    STAGES,
+    TIERS,
+    Turn,
+    tier_for,
+)
 
 
 def make_turn(**latency_ms: float) -> Turn:
@@ -167,6 +177,32 @@ def test_the_guides_budget_adds_up_to_its_total() -> None:
     assert abs(lows - 600) <= 10 and abs(highs - 900) <= 20  # the guide rounds its total
 
 
+def test_default_budget_is_the_guides_one_table() -> None:
+    assert dict(DEFAULT_BUDGET.components) == {
+        line.component: line.range_ms for line in GUIDE_BUDGET
+    }
+    assert DEFAULT_BUDGET.total == GUIDE_TOTAL_MS
+    assert [line.title for line in GUIDE_BUDGET] == [
+        "network (WebRTC)",
+        "VAD/turn detection",
+        "STT",
+        "LLM TTFT",
+        "TTS TTFB",
+    ]
+    # every line but network bounds a stage a turn measures; eou deliberately has no line
+    lines = [line.component for line in GUIDE_BUDGET]
+    assert len(set(lines)) == len(lines)
+    assert set(lines) - set(STAGES) == {"network"}
+    assert set(STAGES) - set(lines) == {"eou"}
+
+
+def test_the_guides_tiers_are_the_turns_tiers() -> None:
+    assert tuple(c for c in COMPONENTS if c != "e2e") == STAGES
+    assert (EXCELLENT_BELOW_MS, GOOD_BELOW_MS) == (500.0, 800.0)
+    below = [EXCELLENT_BELOW_MS - 0.1, GOOD_BELOW_MS - 0.1, GOOD_BELOW_MS]
+    assert tuple(tier_for(ms) for ms in below) == TIERS == ("excellent", "good", "slow")
+
+
 def test_speed_profiles_get_slower_and_name_known_models() -> None:
     assert list(SPEED_PROFILES) == ["ultra", "fast", "balanced"]
     totals = [p.expected_latency()["total"] for p in SPEED_PROFILES.values()]
@@ -204,6 +240,16 @@ def test_a_budget_is_immune_to_its_callers_dict() -> None:
     assert budget.components["stt"] == (100.0, 200.0)
     with pytest.raises(ValueError, match="stt"):
         LatencyBudget(components={"stt": (300.0, 200.0)}, total=(0.0, 1.0))
+
+
+def test_the_budget_runbook_shows_the_guides_table() -> None:
+    doc = Path(__file__).resolve().parent.parent / "docs" / "runbooks" / "latency-budget.md"
+    cells = [row.split(" | ") for row in doc.read_text().splitlines() if row.startswith("| ")]
+    expected = {row[0].removeprefix("| "): row[1] for row in cells}
+    titled = {line.title: line.range_ms for line in GUIDE_BUDGET} | {"total": GUIDE_TOTAL_MS}
+    for title, (low, high) in titled.items():
+        (row,) = [name for name in expected if name.startswith(title)]
+        assert expected[row] == f"{low:.0f}-{high:.0f} ms", row
 
 
 def test_the_configuration_doc_shows_the_data_as_it_is() -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prometheus_client.utils import floatToGoString
 
-from lk_observe.metrics import LATENCY_BUCKETS_S
+from lk_observe.promql import LATENCY_BUCKETS_S, le_label
 from lk_observe.rules import (
     BURN_ALERT,
     NO_TURNS_ALERT,
@@ -20,10 +20,7 @@ from lk_observe.rules import (
     RUNBOOK_BASE_URL,
     RUNBOOKS,
     AlertOptions,
-    SLOFileError,
     alert_rules,
-    le_label,
-    load_slos,
     recording_rules,
     render_alerting_files,
     render_rule_file,
@@ -231,121 +228,3 @@ def test_promtool_unit_tests_pass() -> None:
     assert len(tests) >= 3
     ran = promstack.promtool("test", "rules", *tests)
     assert ran.returncode == 0, ran.stdout + ran.stderr
-
-
-# --- load_slos ----------------------------------------------------------------------------
-
-YAML_SLOS = """\
-slos:
-  - name: e2e_good
-    component: e2e
-    threshold_s: 0.8
-    objective: 0.95
-  - name: ttft
-    component: llm_ttft
-    threshold_s: 0.3
-    objective: 0.99
-    severity: ticket
-    period: 28d
-    min_turns_per_hour: 60
-    windows:
-      - {long: 1h, short: 5m, factor: 14.4, severity: page}
-"""
-
-TOML_SLOS = """\
-[[slos]]
-name = "e2e_good"
-component = "e2e"
-threshold_s = 0.8
-objective = 0.95
-
-[[slos]]
-name = "ttft"
-component = "llm_ttft"
-threshold_s = 0.3
-objective = 0.99
-severity = "ticket"
-period = "28d"
-min_turns_per_hour = 60
-windows = [{ long = "1h", short = "5m", factor = 14.4, severity = "page" }]
-"""
-
-
-@pytest.mark.parametrize(("name", "text"), [("slos.yaml", YAML_SLOS), ("slos.toml", TOML_SLOS)])
-def test_load_slos_reads_yaml_and_toml(tmp_path: Path, name: str, text: str) -> None:
-    path = tmp_path / name
-    path.write_text(text)
-    good, ttft = load_slos(path)
-    assert good == GOOD
-    assert ttft == SLO(
-        name="ttft",
-        component="llm_ttft",
-        threshold_s=0.3,
-        objective=0.99,
-        severity="ticket",
-        period="28d",
-        min_turns_per_hour=60,
-        windows=(BurnWindow("1h", "5m", 14.4, "page"),),
-    )
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("slos: []", "slos is empty"),
-        ("slo: []", r"unknown key\(s\) \['slo'\]"),
-        ("- name: x", "expected a mapping, got list"),
-        ("slos:\n  - {name: a, component: e2e, threshold_s: 0.8}", r"missing required.*objective"),
-        (
-            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9, colour: red}",
-            r"unknown key\(s\) \['colour'\]",
-        ),
-        (
-            "slos:\n  - {name: a, component: e2e, threshold_s: '0.8', objective: 0.9}",
-            "threshold_s must be int or float, got '0.8'",
-        ),
-        (
-            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: true}",
-            "objective must be int or float, got True",
-        ),
-        (
-            "slos:\n  - {name: a, component: e2e, threshold_s: 0.85, objective: 0.9}",
-            r"slos\[0\]: SLO a: threshold 0.85s is not a histogram bucket edge",
-        ),
-        (
-            "slos:\n  - {name: a, component: mouth, threshold_s: 0.8, objective: 0.9}",
-            "component must be one of",
-        ),
-        (
-            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9,"
-            " windows: [{long: 1h, short: 5m, factor: 2, severity: urgent}]}",
-            r"windows\[0\]: severity must be 'page' or 'ticket'",
-        ),
-        (
-            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9,"
-            " windows: [{long: 1h, factor: 2, severity: page}]}",
-            r"windows\[0\]: missing required key\(s\) \['short'\]",
-        ),
-        (
-            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9}\n"
-            "  - {name: a, component: e2e, threshold_s: 0.5, objective: 0.9}",
-            r"duplicate SLO name\(s\) \['a'\]",
-        ),
-        ("slos: [\n", "invalid YAML"),
-    ],
-)
-def test_load_slos_explains_malformed_files(tmp_path: Path, text: str, message: str) -> None:
-    path = tmp_path / "slos.yaml"
-    path.write_text(text)
-    with pytest.raises(SLOFileError, match=message) as info:
-        load_slos(path)
-    assert str(path) in str(info.value)
-
-
-def test_load_slos_explains_bad_toml_and_missing_files(tmp_path: Path) -> None:
-    bad = tmp_path / "slos.toml"
-    bad.write_text("[[slos]\n")
-    with pytest.raises(SLOFileError, match="invalid TOML"):
-        load_slos(bad)
-    with pytest.raises(SLOFileError, match="cannot read SLO file"):
-        load_slos(tmp_path / "nope.yaml")

@@ -15,7 +15,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from lk_observe.metrics import LatencyMetrics
-from lk_observe.monitor import LatencyMonitor, RecentTurns
+from lk_observe.monitor import LatencyMonitor
+from lk_observe.recent import RecentTurns
 from lk_observe.server import Server, add_readiness_check, create_app, serve
 from lk_observe.slo import DEFAULT_SLOS
 from lk_observe.turns import Stage, Turn, tier_for

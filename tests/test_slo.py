@@ -1,9 +1,11 @@
-"""In-process SLO evaluation over the monitor's window: exact counts, burn rate, breach hook."""
+"""SLO specs: in-process evaluation over the monitor's window (exact counts, burn rate, breach
+hook) and user SLO files."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -13,9 +15,11 @@ from lk_observe.slo import (
     SLO,
     BurnWindow,
     SLOEvaluator,
+    SLOFileError,
     SLOStatus,
     breach_burn_rate,
     evaluate,
+    load_slos,
 )
 
 E2E_GOOD = DEFAULT_SLOS[0]  # e2e <= 800 ms for 95% of turns, pages
@@ -157,3 +161,141 @@ def test_evaluator_without_hook_still_reports_every_slo() -> None:
         ("e2e_good", 3, 3),
         ("e2e_excellent", 1, 3),
     ]
+
+
+class CountsOnly:
+    """Just the two members of slo.CountingMonitor: evaluation needs no LatencyMonitor."""
+
+    window_s = 3600.0
+
+    def count_at_or_below(
+        self, component: str, threshold_ms: float, *, agent: str | None = None
+    ) -> tuple[int, int]:
+        assert (component, threshold_ms, agent) == ("e2e", 800.0, "support")
+        return 80, 100
+
+
+def test_evaluation_reads_any_monitor_with_the_counting_methods() -> None:
+    status = evaluate(E2E_GOOD, CountsOnly(), agent="support")
+    assert (status.good_turns, status.turns, status.window_s) == (80, 100, 3600.0)
+    assert status.burn_rate == pytest.approx(4.0)  # 20% errors over a 5% budget
+    assert status.min_turns == 30  # 30 turns/h over an hour
+    assert status.breaching is False  # 4x is under the 14.4x page factor
+
+
+# --- load_slos ----------------------------------------------------------------------------
+
+YAML_SLOS = """\
+slos:
+  - name: e2e_good
+    component: e2e
+    threshold_s: 0.8
+    objective: 0.95
+  - name: ttft
+    component: llm_ttft
+    threshold_s: 0.3
+    objective: 0.99
+    severity: ticket
+    period: 28d
+    min_turns_per_hour: 60
+    windows:
+      - {long: 1h, short: 5m, factor: 14.4, severity: page}
+"""
+
+TOML_SLOS = """\
+[[slos]]
+name = "e2e_good"
+component = "e2e"
+threshold_s = 0.8
+objective = 0.95
+
+[[slos]]
+name = "ttft"
+component = "llm_ttft"
+threshold_s = 0.3
+objective = 0.99
+severity = "ticket"
+period = "28d"
+min_turns_per_hour = 60
+windows = [{ long = "1h", short = "5m", factor = 14.4, severity = "page" }]
+"""
+
+
+@pytest.mark.parametrize(("name", "text"), [("slos.yaml", YAML_SLOS), ("slos.toml", TOML_SLOS)])
+def test_load_slos_reads_yaml_and_toml(tmp_path: Path, name: str, text: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    good, ttft = load_slos(path)
+    assert good == E2E_GOOD
+    assert ttft == SLO(
+        name="ttft",
+        component="llm_ttft",
+        threshold_s=0.3,
+        objective=0.99,
+        severity="ticket",
+        period="28d",
+        min_turns_per_hour=60,
+        windows=(BurnWindow("1h", "5m", 14.4, "page"),),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("slos: []", "slos is empty"),
+        ("slo: []", r"unknown key\(s\) \['slo'\]"),
+        ("- name: x", "expected a mapping, got list"),
+        ("slos:\n  - {name: a, component: e2e, threshold_s: 0.8}", r"missing required.*objective"),
+        (
+            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9, colour: red}",
+            r"unknown key\(s\) \['colour'\]",
+        ),
+        (
+            "slos:\n  - {name: a, component: e2e, threshold_s: '0.8', objective: 0.9}",
+            "threshold_s must be int or float, got '0.8'",
+        ),
+        (
+            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: true}",
+            "objective must be int or float, got True",
+        ),
+        (
+            "slos:\n  - {name: a, component: e2e, threshold_s: 0.85, objective: 0.9}",
+            r"slos\[0\]: SLO a: threshold 0.85s is not a histogram bucket edge",
+        ),
+        (
+            "slos:\n  - {name: a, component: mouth, threshold_s: 0.8, objective: 0.9}",
+            "component must be one of",
+        ),
+        (
+            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9,"
+            " windows: [{long: 1h, short: 5m, factor: 2, severity: urgent}]}",
+            r"windows\[0\]: severity must be 'page' or 'ticket'",
+        ),
+        (
+            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9,"
+            " windows: [{long: 1h, factor: 2, severity: page}]}",
+            r"windows\[0\]: missing required key\(s\) \['short'\]",
+        ),
+        (
+            "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9}\n"
+            "  - {name: a, component: e2e, threshold_s: 0.5, objective: 0.9}",
+            r"duplicate SLO name\(s\) \['a'\]",
+        ),
+        ("slos: [\n", "invalid YAML"),
+    ],
+)
+def test_load_slos_explains_malformed_files(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "slos.yaml"
+    path.write_text(text)
+    with pytest.raises(SLOFileError, match=message) as info:
+        load_slos(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_slos_explains_bad_toml_and_missing_files(tmp_path: Path) -> None:
+    bad = tmp_path / "slos.toml"
+    bad.write_text("[[slos]\n")
+    with pytest.raises(SLOFileError, match="invalid TOML"):
+        load_slos(bad)
+    with pytest.raises(SLOFileError, match="cannot read SLO file"):
+        load_slos(tmp_path / "nope.yaml")

@@ -1,0 +1,248 @@
+"""Where finished turns go: one sink thread per process, the fan-out to every sink, the SLO
+check, and the hand-back of each turn to the user's `on_turn` on the agent's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from opentelemetry.trace import SpanContext
+
+from lk_observe.logs import default_turn_logger
+from lk_observe.metrics import LatencyMetrics
+from lk_observe.monitor import LatencyMonitor
+from lk_observe.multiprocess import snapshot_sinks
+from lk_observe.presets import budget_overruns
+from lk_observe.recent import default_recent_turns
+from lk_observe.slo import SLO, SLOEvaluator
+from lk_observe.tracing import TurnTracer
+from lk_observe.turns import Turn
+
+logger = logging.getLogger(__name__)
+
+SINK_QUEUE_SIZE = 10_000
+SLO_CHECK_INTERVAL_S = 1.0
+
+TurnHook = Callable[[Turn], None]
+Sink = Callable[[Turn], "Turn | None"]
+
+
+class SinkWorker:
+    """One daemon thread for the whole process: sinks (span export, /metrics bookkeeping,
+    logging) never run on an agent's event loop, and a slow sink costs queued turns, not lag.
+
+    `submit` takes no lock: a lock shared with this thread would make the loop wait out the
+    thread's whole GIL slice whenever they collide.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="lk-observe-sinks", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        if self._queue.qsize() >= SINK_QUEUE_SIZE:  # bounded memory if the sinks fall behind
+            self.dropped += 1
+            return False
+        self._queue.put(job)
+        return True
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every job submitted before this call ran; False on timeout.
+        Blocking: never call it on the event loop."""
+        if threading.current_thread() is self._thread:
+            return True  # called from a sink: everything before it has run
+        reached = threading.Event()
+        self._queue.put(reached.set)  # one FIFO, one thread: when it runs, all before it ran
+        return reached.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                job()
+            except Exception:  # jobs guard themselves; this is the last line of defence
+                logger.exception("lk_observe sink job failed")
+            finally:
+                job = None  # type: ignore[assignment]  # don't pin the last session until the next turn
+
+
+_worker: SinkWorker | None = None
+_worker_lock = threading.Lock()
+
+
+def sink_worker() -> SinkWorker:
+    """This process's sink thread (started on first use)."""
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = SinkWorker()
+        return _worker
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Block until every finished turn has gone through the sinks (span processors included
+    only as far as handing spans over). Call it from a thread, not from the event loop."""
+    return sink_worker().drain(timeout)
+
+
+class ThrottledSLOs:
+    """Evaluates the SLOs from the monitor at most once a second (logs a breach once)."""
+
+    def __init__(self, evaluator: SLOEvaluator) -> None:
+        self._evaluator = evaluator
+        self._next = 0.0
+
+    def maybe_check(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + SLO_CHECK_INTERVAL_S
+        self._evaluator.check()
+
+
+# One evaluator per (monitor, agent, SLO set): many sessions of one agent share one breach
+# state. Values are weak, so ever-new agent names cannot grow this.
+_evaluators: weakref.WeakKeyDictionary[
+    LatencyMonitor, weakref.WeakValueDictionary[tuple[str, tuple[SLO, ...]], ThrottledSLOs]
+] = weakref.WeakKeyDictionary()
+_evaluators_lock = threading.Lock()
+
+
+def slo_check(monitor: LatencyMonitor, agent: str, slos: tuple[SLO, ...]) -> ThrottledSLOs:
+    """The shared, throttled SLO check of `agent`'s sessions on `monitor`."""
+    with _evaluators_lock:
+        per_monitor = _evaluators.setdefault(monitor, weakref.WeakValueDictionary())
+        key = (agent, slos)
+        evaluator = per_monitor.get(key)
+        if evaluator is None:
+            evaluator = per_monitor[key] = ThrottledSLOs(SLOEvaluator(slos, monitor, agent=agent))
+        return evaluator
+
+
+_TURN_FIELDS = frozenset(f.name for f in dataclasses.fields(Turn))
+
+
+def with_fields(turn: Turn, **changes: Any) -> Turn:
+    """`dataclasses.replace(turn, **changes)` at a tenth of its cost (Turn has no
+    __post_init__ or derived fields, so a field copy is all replace() does)."""
+    unknown = changes.keys() - _TURN_FIELDS
+    if unknown:
+        raise TypeError(f"Turn has no field(s) {sorted(unknown)}")
+    copy = object.__new__(Turn)
+    fields = copy.__dict__
+    fields.update(turn.__dict__)
+    fields.update(changes)
+    return copy
+
+
+class TurnSinks:
+    """One session's sinks, run on the sink thread in order: the tracer first (so the others
+    see the trace id), then metrics, monitor, SLO check, recent turns, logs, snapshot files,
+    and finally `on_turn` back on the agent's loop. A failing sink is counted and logged."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        tracer: TurnTracer,
+        metrics: LatencyMetrics,
+        monitor: LatencyMonitor,
+        slos: tuple[SLO, ...],
+        on_turn: TurnHook | None,
+    ) -> None:
+        self.metrics = metrics
+        self._tracer = tracer
+        self._on_turn = on_turn
+        self.loop: asyncio.AbstractEventLoop | None = None  # where on_turn runs
+        slo_checker = slo_check(monitor, agent, slos) if slos else None
+        self._sinks: list[tuple[str, Sink]] = [
+            ("metrics", metrics.observe_turn),
+            ("monitor", monitor.record_turn),
+            ("slo", (lambda _turn: slo_checker.maybe_check()) if slo_checker else _no_sink),
+            ("recent", default_recent_turns().add),
+            ("logs", default_turn_logger()),
+            # multiprocess mode: share the monitor with the ops app in the worker process
+            *snapshot_sinks(monitor),
+        ]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self._sinks]
+
+    def submit(
+        self, turns: Iterable[Turn], links: Callable[[str | None], SpanContext | None]
+    ) -> int:
+        """Queue finished turns for the sink thread (from the loop); how many were queued."""
+        if self._on_turn is not None and self.loop is None:
+            with contextlib.suppress(RuntimeError):
+                self.loop = asyncio.get_running_loop()
+        worker = sink_worker()
+        queued = 0
+        for turn in turns:
+            if worker.submit(functools.partial(self._run, turn, links(turn.speech_id))):
+                queued += 1
+            else:
+                self.metrics.sink_failure("queue_full")
+                logger.warning("lk_observe sink queue full: dropped turn %d", turn.index)
+        return queued
+
+    def _run(self, turn: Turn, link: SpanContext | None) -> None:
+        overruns: dict[str, float] = {}
+        try:
+            overruns = budget_overruns(turn)
+        except Exception:
+            self._failed("budget")
+        root: SpanContext | None = None
+        try:
+            root = self._tracer.record(turn, link, overruns)
+        except Exception:
+            self._failed("tracing")
+        if root is not None:
+            turn = with_fields(
+                turn, budget_overruns_ms=overruns, trace_id=root.trace_id, span_id=root.span_id
+            )
+        elif overruns:
+            turn = with_fields(turn, budget_overruns_ms=overruns)
+        for name, sink in self._sinks:
+            try:
+                turn = sink(turn) or turn
+            except Exception:
+                self._failed(name)
+        if self._on_turn is not None:
+            loop = self.loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(self._call_on_turn, turn)
+                    return
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+            self._call_on_turn(turn)
+
+    def _failed(self, name: str) -> None:
+        logger.warning("lk_observe sink %r failed", name, exc_info=True)
+        try:
+            self.metrics.sink_failure(name)
+        except Exception:
+            logger.exception("lk_observe could not count a sink failure")
+
+    def _call_on_turn(self, turn: Turn) -> None:
+        assert self._on_turn is not None
+        try:
+            self._on_turn(turn)
+        except Exception:  # the user's hook must never break the agent
+            self._failed("on_turn")
+
+
+def _no_sink(turn: Turn) -> None:
+    del turn

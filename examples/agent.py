@@ -52,14 +52,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import lk_observe
-from lk_observe.presets import (
+from lk_observe import (
     DEFAULT_SPEED_PROFILE,
+    Server,
     SpeedProfile,
     VADPreset,
     speed_profile,
     vad_preset,
 )
-from lk_observe.server import Server
 
 logger = logging.getLogger("voice-agent")
 

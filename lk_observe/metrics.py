@@ -13,11 +13,9 @@ from typing import ClassVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from lk_observe import multiprocess
-from lk_observe.promql import LATENCY_BUCKETS_S as LATENCY_BUCKETS_S  # re-exported for now
-from lk_observe.turns import COMPONENTS as COMPONENTS  # re-exported for now
-from lk_observe.turns import TIERS as TIERS  # re-exported for now
-from lk_observe.turns import Turn
+from lk_observe import multiprocess, promql
+from lk_observe.promql import LATENCY_BUCKETS_S
+from lk_observe.turns import COMPONENTS, TIERS, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -96,50 +94,50 @@ class LatencyMetrics:
     ) -> None:
         # Families are registered here and nowhere else: for_registry() makes sure it runs once.
         self.latency = Histogram(
-            "voice_agent_latency_seconds",
+            promql.LATENCY_METRIC,
             "Voice agent latency per turn by pipeline component",
             ["component", "agent"],
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
         self.turns = Counter(
-            "voice_agent_turns_total",
+            promql.TURNS_METRIC,
             "Finished user turns by end-to-end latency tier",
             ["agent", "tier"],
             registry=registry,
         )
         # livesum: in multiprocess mode a dead job process's sessions drop out of the sum.
         self.active_sessions = Gauge(
-            "voice_agent_active_sessions",
+            promql.ACTIVE_SESSIONS_METRIC,
             "Agent sessions currently running",
             ["agent"],
             multiprocess_mode="livesum",
             registry=registry,
         )
         self.sessions = Counter(
-            "voice_agent_sessions_total", "Agent sessions started", ["agent"], registry=registry
+            promql.SESSIONS_METRIC, "Agent sessions started", ["agent"], registry=registry
         )
         self.errors = Counter(
-            "voice_agent_errors_total",
+            promql.ERRORS_METRIC,
             "Agent errors by type",
             ["agent", "error_type"],
             registry=registry,
         )
         self.sink_failures = Counter(
-            "voice_agent_sink_failures_total",
+            promql.SINK_FAILURES_METRIC,
             "Turn sinks that raised (the turn was still delivered to the other sinks)",
             ["sink"],
             registry=registry,
         )
         self.budget_overruns = Counter(
-            "voice_agent_budget_overruns_total",
+            promql.BUDGET_OVERRUNS_METRIC,
             "Turns whose component latency exceeded its budget",
             ["agent", "component"],
             registry=registry,
         )
         self._overrun_children: dict[tuple[str, str], Counter] = {}
         self.label_overflow = Counter(
-            "voice_agent_label_overflow_total",
+            promql.LABEL_OVERFLOW_METRIC,
             "Label values folded into 'other' by the cardinality guard, or dropped",
             ["label"],
             registry=registry,

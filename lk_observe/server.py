@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import math
 import os
@@ -33,8 +34,10 @@ from lk_observe.multiprocess import (
     snapshot_dir,
 )
 from lk_observe.otlp import export_health
+from lk_observe.presets import DEFAULT_BUDGET
 from lk_observe.recent import RecentTurns, default_recent_turns, turn_summary
 from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
+from lk_observe.turns import COMPONENTS, EXCELLENT_BELOW_MS, GOOD_BELOW_MS
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +167,26 @@ def _static_text(name: str) -> str:
     return resources.files("lk_observe").joinpath("static", name).read_text(encoding="utf-8")
 
 
+def _page_config() -> str:
+    """What the live page needs of lk_observe's constants, so the page holds no copy of them."""
+    config = {
+        "components": COMPONENTS,
+        "budget_ms": {c: DEFAULT_BUDGET.upper_bound(c) for c in COMPONENTS},
+        "excellent_below_ms": EXCELLENT_BELOW_MS,
+        "good_below_ms": GOOD_BELOW_MS,
+    }
+    return json.dumps(config).replace("<", "\\u003c")  # inert inside a <script> element
+
+
+def _live_page_html() -> str:
+    return (
+        _static_text("index.html")
+        .replace("__PAGE_CONFIG__", _page_config())
+        .replace("__EXCELLENT_BELOW_MS__", f"{EXCELLENT_BELOW_MS:g}")
+        .replace("__GOOD_BELOW_MS__", f"{GOOD_BELOW_MS:g}")
+    )
+
+
 def create_app(
     monitor: LatencyMonitor | None = None,
     registry: CollectorRegistry | None = None,
@@ -178,7 +201,7 @@ def create_app(
     the_monitor = monitor if monitor is not None else default_monitor()
     the_slos = tuple(DEFAULT_SLOS if slos is None else slos)
     the_recent = recent if recent is not None else default_recent_turns()
-    page = {name: _static_text(name) for name in ("index.html", *_STATIC_FILES)}
+    page = {"index.html": _live_page_html(), **{name: _static_text(name) for name in _STATIC_FILES}}
 
     app = FastAPI(title="lk_observe", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.readiness_checks = {**_builtin_checks(), **(checks or {})}

@@ -14,8 +14,8 @@ from lk_observe.turns import Stage, Turn
 TRACER_NAME = "lk_observe"
 ROOT_SPAN = "voice.turn"
 
-# Turn.stages key -> child span name. e2e is the root span itself.
-_CHILD_SPANS = {
+# Turn.stages key -> child span name: every pipeline stage, and tool time. e2e is the root span.
+CHILD_SPANS = {
     "vad": "voice.vad",
     "stt": "voice.stt",
     "eou": "voice.eou",
@@ -32,8 +32,8 @@ def _ns(seconds: float) -> int:
 
 
 # attribute keys built once, not per turn; other names (from a newer assembler) are formatted
-_LATENCY_KEYS = {c: f"voice.latency.{c}_ms" for c in ("e2e", *_CHILD_SPANS)}
-_OVERRUN_KEYS = {c: f"voice.budget.overrun.{c}_ms" for c in ("e2e", *_CHILD_SPANS)}
+_LATENCY_KEYS = {c: f"voice.latency.{c}_ms" for c in ("e2e", *CHILD_SPANS)}
+_OVERRUN_KEYS = {c: f"voice.budget.overrun.{c}_ms" for c in ("e2e", *CHILD_SPANS)}
 
 
 def root_attributes(
@@ -124,7 +124,7 @@ class TurnTracer:
     def _child(self, turn: Turn, key: str, stage: Stage, parent: otel_context.Context) -> None:
         # the span's own start/end carry its latency (also on the root as voice.latency.*):
         # no per-child attributes beyond gen_ai.*: each one costs the SDK per turn (performance.md)
-        name = _CHILD_SPANS.get(key)
+        name = CHILD_SPANS.get(key)
         attributes: dict[str, AttributeValue] | None = None
         if name is None:
             if not key.startswith(_LLM_ROUND_PREFIX):

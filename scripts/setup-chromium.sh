@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install Debian's headless-capable Chromium for tests/test_live_page.py; a no-op when present.
+# Install Debian's headless-capable Chromium for tests/integration/test_live_page.py; a no-op when present.
 set -euo pipefail
 
 CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"

@@ -1,5 +1,5 @@
-"""OTLP collectors on 127.0.0.1 that misbehave on purpose, for tests/test_dead_collector.py and
-benchmarks/bench_loop_lag.py (not a test module).
+"""OTLP collectors on 127.0.0.1 that misbehave on purpose, for the dead-collector tests
+(tests/integration/test_dead_collector.py) and benchmarks/bench_loop_lag.py (not a test module).
 
 Healthy, failing (HTTP 503 / gRPC UNAVAILABLE), slow, failing-then-recovering, refusing
 (nothing listens) and black hole (the kernel accepts TCP, nobody reads). Each counts the spans

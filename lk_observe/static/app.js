@@ -3,9 +3,10 @@
 
 const POLL_MS = 1500;
 const WATERFALL_TURNS = 12;
-const COMPONENT_ORDER = ["e2e", "vad", "stt", "eou", "llm_ttft", "tts_ttfb"];
-// Upper ends of the latency guide's per-stage budget; e2e is the Good tier's edge.
-const BUDGET_MS = { e2e: 800, vad: 200, stt: 200, llm_ttft: 300, tts_ttfb: 80 };
+// lk_observe's components and the guide's budget, written into the page by the ops app
+const CONFIG = JSON.parse(document.getElementById("page-config").textContent);
+const COMPONENT_ORDER = CONFIG.components;
+const BUDGET_MS = CONFIG.budget_ms; // upper end per component (e2e: the total); null: none
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -55,12 +56,12 @@ function renderLatency(stats) {
     const budget = BUDGET_MS[component];
     for (const key of ["median", "p95", "p99", "max"]) {
       const cell = el("td", "num " + (key === "median" ? "p50" : key), ms(s[key]));
-      if (budget !== undefined && key === "p95" && s.count > 0 && s[key] > budget) {
+      if (typeof budget === "number" && key === "p95" && s.count > 0 && s[key] > budget) {
         cell.classList.add("over");
       }
       row.append(cell);
     }
-    row.append(el("td", "num budget-ms", budget === undefined ? "–" : String(budget)));
+    row.append(el("td", "num budget-ms", typeof budget === "number" ? String(budget) : "–"));
     body.append(row);
   }
 }

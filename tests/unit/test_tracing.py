@@ -6,8 +6,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NoOpTracerProvider, SpanContext, TraceFlags
 
-from lk_observe.tracing import ROOT_SPAN, TurnTracer
-from lk_observe.turns import Stage, Turn
+from lk_observe.tracing import CHILD_SPANS, ROOT_SPAN, TurnTracer
+from lk_observe.turns import STAGES, Stage, Turn
 
 T0 = 1_700_000_000.0
 
@@ -117,3 +117,7 @@ def test_links_to_livekit_span_when_given(
 
 def test_a_noop_provider_records_nothing_and_returns_no_context() -> None:
     assert TurnTracer(NoOpTracerProvider()).record(tool_turn()) is None
+
+
+def test_every_pipeline_stage_has_a_child_span() -> None:
+    assert set(CHILD_SPANS) == {*STAGES, "tool"}

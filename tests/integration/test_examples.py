@@ -31,7 +31,7 @@ import lk_observe
 from lk_observe.monitor import LatencyMonitor
 from lk_observe.presets import SPEED_PROFILES, VAD_PRESETS, speed_profile
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 AGENT_PATH = ROOT / "examples" / "agent.py"
 DEPLOY = ROOT / "examples" / "deploy"
 K8S = DEPLOY / "k8s"

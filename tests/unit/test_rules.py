@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,16 @@ from lk_observe.rules import (
     render_rule_file,
     rule_groups,
 )
-from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow
+from lk_observe.slo import DEFAULT_SLOS, SLO
 from tests import promstack
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ALERTING = REPO / "alerting"
 GOOD, EXCELLENT = DEFAULT_SLOS
 
 
 def all_alerts(groups: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for g in groups["groups"] for r in g["rules"] if "alert" in r]
-
-
-def write_tree(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
 
 
 # --- le strings and thresholds ------------------------------------------------------------
@@ -187,40 +179,6 @@ def test_prometheus_rule_manifest_carries_the_same_groups() -> None:
 
 
 # --- promtool / amtool --------------------------------------------------------------------
-
-
-def test_promtool_accepts_generated_rules_and_configs(tmp_path: Path) -> None:
-    write_tree(tmp_path, render_alerting_files())
-    checked = promstack.promtool("check", "rules", str(tmp_path / RULES_FILE))
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 43 rules found" in checked.stdout
-    config = promstack.promtool("check", "config", str(tmp_path / "prometheus.example.yml"))
-    assert config.returncode == 0, config.stdout + config.stderr
-    amtool = promstack.binaries() / "amtool"
-    am = subprocess.run(
-        [str(amtool), "check-config", str(tmp_path / "alertmanager.example.yml")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert am.returncode == 0, am.stdout + am.stderr
-
-
-def test_promtool_accepts_rules_for_custom_slos(tmp_path: Path) -> None:
-    slos = (
-        SLO(
-            name="ttft",
-            component="llm_ttft",
-            threshold_s=0.3,
-            objective=0.99,
-            windows=(BurnWindow("2h", "10m", 10.0, "page"),),
-        ),
-        SLO(name="tts", component="tts_ttfb", threshold_s=0.1, objective=0.9, severity="ticket"),
-    )
-    path = tmp_path / "custom.rules.yml"
-    path.write_text(render_rule_file(slos))
-    checked = promstack.promtool("check", "rules", str(path))
-    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_promtool_unit_tests_pass() -> None:

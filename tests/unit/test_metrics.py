@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import math
 
-import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from lk_observe.metrics import (
-    LATENCY_BUCKETS_S,
-    LatencyMetrics,
-    sanitize_label,
-)
+from lk_observe.metrics import LatencyMetrics, sanitize_label
+from lk_observe.promql import LATENCY_BUCKETS_S
 from lk_observe.server import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, render_metrics
 from lk_observe.turns import Turn, tier_for
 
@@ -38,11 +34,6 @@ def make_turn(
         agent=agent,
         trace_id=trace_id,
     )
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:

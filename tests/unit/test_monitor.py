@@ -15,7 +15,6 @@ import pytest
 from lk_observe.monitor import STAT_KEYS, LatencyMonitor, default_monitor
 from lk_observe.promql import LATENCY_BUCKETS_S
 from lk_observe.turns import Turn
-from tests.benchmods import load_benchmark
 
 # The accuracy contract: p50/p95/p99 within 1% (relative) of the exact percentile.
 MAX_RELATIVE_ERROR = 0.01
@@ -360,10 +359,3 @@ def test_default_monitor_is_one_instance_per_process() -> None:
     for thread in threads:
         thread.join()
     assert all(monitor is default_monitor() for monitor in seen)
-
-
-def test_benchmark_quick_run_reports_speedup_ratios(capsys: pytest.CaptureFixture[str]) -> None:
-    table = load_benchmark("bench_monitor").main(quick=True)
-    assert "get_stats speedup" in table
-    assert "memory ratio" in table
-    assert table in capsys.readouterr().out

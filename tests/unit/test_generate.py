@@ -10,7 +10,7 @@ import pytest
 from lk_observe.cli import generated_files, main
 from lk_observe.slo import DEFAULT_SLOS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_artifacts_are_exactly_what_generate_writes() -> None:

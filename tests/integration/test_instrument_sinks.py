@@ -9,14 +9,13 @@ import logging
 
 import pytest
 import structlog
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.recent import default_recent_turns
+from tests.otel import memory_tracing
 
 SLOW_LLM = ScriptedTurn(llm_ttft_s=0.55)  # 550 ms TTFT: over the guide's 300 ms LLM budget
 
@@ -24,9 +23,7 @@ SLOW_LLM = ScriptedTurn(llm_ttft_s=0.55)  # 550 ms TTFT: over the guide's 300 ms
 @pytest.fixture(scope="module")
 def played() -> tuple[list[lk_observe.Turn], CollectorRegistry, InMemorySpanExporter, list[str]]:
     registry = CollectorRegistry()
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider, exporter = memory_tracing()
     records: list[str] = []
 
     class Collect(logging.Handler):

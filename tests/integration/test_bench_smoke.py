@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.benchmods import load_benchmark
 
 
@@ -15,3 +17,15 @@ def test_turn_overhead_benchmark_reports_every_variant_and_emits_every_turn() ->
 def test_loop_lag_benchmark_reports_baseline_and_faults() -> None:
     results = load_benchmark("bench_loop_lag").main(quick=True)
     assert {"baseline (no lk_observe)", "http healthy", "http black hole"} <= set(results)
+
+
+def test_benchmark_quick_run_reports_speedup_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    table = load_benchmark("bench_monitor").main(quick=True)
+    assert "get_stats speedup" in table
+    assert "memory ratio" in table
+    assert table in capsys.readouterr().out
+
+
+def test_the_benchmark_runs() -> None:
+    results = load_benchmark("bench_monitor_snapshot").main(["--quick"])
+    assert results["write"] and results["merge"]

@@ -26,9 +26,10 @@ from prometheus_client import CollectorRegistry
 
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor
+from lk_observe.presets import DEFAULT_BUDGET
 from lk_observe.recent import RecentTurns
 from lk_observe.server import Server, serve
-from lk_observe.turns import Stage, Turn, tier_for
+from lk_observe.turns import EXCELLENT_BELOW_MS, GOOD_BELOW_MS, Stage, Turn, tier_for
 
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 SCREENSHOT = Path(tempfile.gettempdir()) / "lk_observe_live_page.png"
@@ -221,11 +222,13 @@ READ_PAGE = """(() => {
       p95: tr.querySelector('.p95').textContent,
       p99: tr.querySelector('.p99').textContent,
       max: tr.querySelector('.max').textContent,
+      budget: tr.querySelector('.budget-ms').textContent,
     };
   }
   return {
     rows,
     tiers: {excellent: text('#tier-excellent'), good: text('#tier-good'), slow: text('#tier-slow')},
+    tierLabels: [...document.querySelectorAll('.tier .label')].map((l) => l.textContent),
     chips: document.querySelectorAll('#tier-strip .chip').length,
     waterfallRows: document.querySelectorAll('#waterfall-rows .wf-row').length,
     waterfallBars: document.querySelectorAll('#waterfall-rows .wf-row')[0]
@@ -256,6 +259,14 @@ async def test_live_page_shows_the_apps_numbers_without_console_errors(
             assert row["p95"] == str(round(s["p95"]))
             assert row["p99"] == str(round(s["p99"]))
             assert row["max"] == str(round(s["max"]))
+            # the guide's budget as lk_observe defines it, not a copy in the page
+            bound = DEFAULT_BUDGET.upper_bound(component)
+            assert row["budget"] == ("\u2013" if bound is None else f"{bound:g}")
+        assert shown["tierLabels"] == [
+            f"excellent < {EXCELLENT_BELOW_MS:g} ms",
+            f"good < {GOOD_BELOW_MS:g} ms",
+            f"slow ≥ {GOOD_BELOW_MS:g} ms",
+        ]
         expected_tiers = {
             tier: str(sum(1 for ms in E2E_MS if tier_for(ms) == tier))
             for tier in ("excellent", "good", "slow")

@@ -14,14 +14,13 @@ from typing import Any, cast
 
 import pytest
 from livekit.agents import AgentSession
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.demo import ScriptedPipeline, ScriptedTurn, build_pipeline, run_pipeline
 from lk_observe.instrument import _MARKER
+from tests.otel import memory_tracing
 
 LISTENED = (
     "user_state_changed",
@@ -258,9 +257,7 @@ class Run:
 
 def _play(script: list[ScriptedTurn], *, before_start: bool, raise_first: bool) -> Run:
     async def play() -> Run:
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider, exporter = memory_tracing()
         registry = CollectorRegistry()
         pipeline = build_pipeline(script)
         session = pipeline.session

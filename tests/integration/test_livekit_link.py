@@ -9,29 +9,24 @@ import pytest
 from livekit.agents import telemetry
 from livekit.agents.telemetry import traces as livekit_traces
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
+from tests.otel import memory_tracing
 
 
 @pytest.fixture
 def livekit_spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider, exporter = memory_tracing()
     telemetry.set_tracer_provider(provider, allow_pii=False)
     yield exporter
     livekit_traces.tracer.set_provider(trace.NoOpTracerProvider())
 
 
 def test_voice_turn_links_to_livekit_agent_turn(livekit_spans: InMemorySpanExporter) -> None:
-    ours = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(ours))
+    provider, ours = memory_tracing()
 
     async def play() -> None:
         pipeline = build_pipeline([ScriptedTurn(), ScriptedTurn(llm_ttft_s=0.3)])

@@ -243,7 +243,7 @@ def test_a_budget_is_immune_to_its_callers_dict() -> None:
 
 
 def test_the_budget_runbook_shows_the_guides_table() -> None:
-    doc = Path(__file__).resolve().parent.parent / "docs" / "runbooks" / "latency-budget.md"
+    doc = Path(__file__).resolve().parents[2] / "docs" / "runbooks" / "latency-budget.md"
     cells = [row.split(" | ") for row in doc.read_text().splitlines() if row.startswith("| ")]
     expected = {row[0].removeprefix("| "): row[1] for row in cells}
     titled = {line.title: line.range_ms for line in GUIDE_BUDGET} | {"total": GUIDE_TOTAL_MS}
@@ -253,7 +253,7 @@ def test_the_budget_runbook_shows_the_guides_table() -> None:
 
 
 def test_the_configuration_doc_shows_the_data_as_it_is() -> None:
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     for p in VAD_PRESETS.values():
         low, high = p.turn_detection_ms
         row = (

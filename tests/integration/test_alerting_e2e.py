@@ -17,6 +17,7 @@ window, and promtool tests (alerting/tests/) cover the real 1h..3d windows.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,8 +35,10 @@ from lk_observe.rules import (
     BURN_ALERT,
     NO_TURNS_ALERT,
     P95_ALERT,
+    RULES_FILE,
     AlertOptions,
     alertmanager_example,
+    render_alerting_files,
     render_rule_file,
 )
 from lk_observe.slo import SLO, BurnWindow
@@ -332,3 +335,44 @@ def test_single_slow_turn_on_idle_agent_never_notifies(stack: Stack) -> None:
     assert stack.prom.query('slo:sli_error:ratio_rate1m{agent="quiet"} > 0.72')
     assert stack.hook.matching(agent="quiet") == []
     assert [a for a in stack.prom.alerts() if a["labels"].get("agent") == "quiet"] == []
+
+
+def write_tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_promtool_accepts_generated_rules_and_configs(tmp_path: Path) -> None:
+    write_tree(tmp_path, render_alerting_files())
+    checked = promstack.promtool("check", "rules", str(tmp_path / RULES_FILE))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 43 rules found" in checked.stdout
+    config = promstack.promtool("check", "config", str(tmp_path / "prometheus.example.yml"))
+    assert config.returncode == 0, config.stdout + config.stderr
+    amtool = promstack.binaries() / "amtool"
+    am = subprocess.run(
+        [str(amtool), "check-config", str(tmp_path / "alertmanager.example.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert am.returncode == 0, am.stdout + am.stderr
+
+
+def test_promtool_accepts_rules_for_custom_slos(tmp_path: Path) -> None:
+    slos = (
+        SLO(
+            name="ttft",
+            component="llm_ttft",
+            threshold_s=0.3,
+            objective=0.99,
+            windows=(BurnWindow("2h", "10m", 10.0, "page"),),
+        ),
+        SLO(name="tts", component="tts_ttfb", threshold_s=0.1, objective=0.9, severity="ticket"),
+    )
+    path = tmp_path / "custom.rules.yml"
+    path.write_text(render_rule_file(slos))
+    checked = promstack.promtool("check", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr

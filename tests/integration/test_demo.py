@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.test_live_page import READ_PAGE, chromium
 from tests.otlp_collectors import start_collector
-from tests.test_live_page import READ_PAGE, chromium
 
 pytestmark = pytest.mark.timeout(180)
 TURNS = 5

@@ -24,7 +24,7 @@ from lk_observe.rules import BURN_ALERT, P95_ALERT, AlertOptions, render_rule_fi
 from lk_observe.server import serve
 from lk_observe.slo import SLO, BurnWindow
 from tests import promstack
-from tests.test_alerting_e2e import Webhook, alertmanager_config, webhook_receiver
+from tests.integration.test_alerting_e2e import Webhook, alertmanager_config, webhook_receiver
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,9 +9,7 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 from prometheus_client import CollectorRegistry
 
 import lk_observe
@@ -23,6 +21,7 @@ from lk_observe.demo import (
     play_text_pipeline,
     run_pipeline,
 )
+from tests.otel import memory_tracing
 
 # Stated tolerances (ms). The harness's own floor (asyncio timer and scheduling jitter) is
 # measured below and printed next to the errors.
@@ -70,9 +69,7 @@ async def _timer_floor_ms(samples: int = 40) -> float:
 @pytest.fixture(scope="module")
 def run() -> Run:
     async def play() -> Run:
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        provider, exporter = memory_tracing()
         pipeline = build_pipeline(SCRIPT, greeting=GREETING)
         turns: list[lk_observe.Turn] = []
         handle = lk_observe.instrument(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "lk_observe"
+PACKAGE = Path(__file__).resolve().parents[2] / "lk_observe"
 OFFLINE = ("turns", "promql", "presets", "slo", "rules", "dashboards")
 RUNTIME_PACKAGES = {"livekit", "opentelemetry", "prometheus_client", "fastapi"}
 

@@ -45,7 +45,7 @@ from lk_observe.instrument import InstrumentHandle
 from lk_observe.metrics import OTHER
 from lk_observe.server import render_metrics
 from lk_observe.turns import tier_for
-from tests.replay import RecordedEvent, emit_recorded, recorded_turn
+from tests.replay import RecordedEvent, emit_recorded, recorded_turn, speech_of
 
 MARKER = "_lk_observe_handle"
 STABLE_AGENTS: tuple[str, ...] = ("support", "sales", "triage")
@@ -326,6 +326,8 @@ class Soak:
             assert tier is not None
             self.result.expected_tiers[(self.label(call.agent), tier)] += 1
         if call.pos == len(call.events):
+            if len(call.events) == EVENTS_PER_TURN:  # a whole turn: the reply played out
+                speech_of(call.events)._mark_done()
             # LiveKit keeps every event for its session report until the session restarts:
             # its memory, not ours; drop it so the soak measures lk_observe
             session._recorded_events.clear()

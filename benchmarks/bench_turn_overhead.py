@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from prometheus_client import CollectorRegistry
 
 import lk_observe
-from tests.replay import RecordedEvent, emit_recorded, recorded_turn
+from tests.replay import RecordedEvent, emit_recorded, recorded_turn, speech_of
 
 _CHUNK = 50
 _SECONDS_BETWEEN_TURNS = 8.0  # a user turn and the agent's reply
@@ -82,7 +82,7 @@ async def _play(
         for event in events:
             emit_recorded(session, event)
         session._recorded_events.clear()  # LiveKit keeps every event of a session: not ours
-        _speech_of(events)._mark_done()  # the reply played out
+        speech_of(events)._mark_done()  # the reply played out
         if paced:
             loop.now += _SECONDS_BETWEEN_TURNS
         for _ in range(2):  # the first pass moves due timers to the ready queue
@@ -90,11 +90,6 @@ async def _play(
         if paced:
             lk_observe.flush(30.0)  # blocking the loop is fine here: nothing else runs on it
             between_turns()
-
-
-def _speech_of(events: list[RecordedEvent]) -> Any:
-    created = next(ev for name, ev, _, _ in events if name == "speech_created")
-    return created.speech_handle
 
 
 def _replay(

@@ -9,8 +9,7 @@ Running it needs a LiveKit server and API keys in the environment: LIVEKIT_URL,
 LIVEKIT_API_KEY, LIVEKIT_API_SECRET, DEEPGRAM_API_KEY, OPENAI_API_KEY, CARTESIA_API_KEY
 (GROQ_API_KEY / ELEVEN_API_KEY for the other profiles; see deploy/.env.example).
 
-    pip install lk-observe livekit-plugins-silero livekit-plugins-deepgram \\
-        livekit-plugins-openai livekit-plugins-cartesia
+    pip install "/path/to/lk_observe[example]"      # the repository (not on PyPI) + plugins
     python -m livekit.agents download-files          # model files, once (the image does it)
     python -m livekit.agents start examples/agent.py  # or: python examples/agent.py dev
 
@@ -18,19 +17,19 @@ Every plugin is optional: the module imports, and builds its session, with any s
 installed ones are imported at start-up on the main thread (where LiveKit registers plugins);
 a provider whose plugin is missing is reached through LiveKit Inference by the same
 "provider/model" name (with the LiveKit credentials), and without livekit-plugins-silero the
-Silero VAD bundled with livekit-agents is used. Traces go to OTLP when OTEL_EXPORTER_OTLP_ENDPOINT
-is set.
+Silero VAD bundled with livekit-agents is used. Traces go to OTLP through
+lk_observe.configure_tracing() when OTEL_EXPORTER_OTLP_ENDPOINT is set (http/protobuf, port 4318,
+unless OTEL_EXPORTER_OTLP_PROTOCOL=grpc).
 
 Settings (environment): AGENT_NAME (metrics label, default "voice-agent"), AGENT_SPEED
 (ultra | fast | balanced, default fast), AGENT_VAD_PRESET (fast_qa | conversation | noisy |
-thoughtful, default: the profile's), LK_OBSERVE_HOST (default 127.0.0.1; 0.0.0.0 in a pod so
+thoughtful; unset or empty: the profile's), LK_OBSERVE_HOST (default 127.0.0.1; 0.0.0.0 in a pod so
 the kubelet can probe), LK_OBSERVE_PORT (default 8080).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import logging
 import os
@@ -47,9 +46,7 @@ from livekit.agents import (
     vad,
 )
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 import lk_observe
 from lk_observe import (
@@ -90,11 +87,7 @@ async def _flush(provider: TracerProvider | None) -> None:
     dead collector costs spans, not a stuck shutdown."""
     await asyncio.to_thread(lk_observe.flush, _EXPORT_TIMEOUT_S)
     if provider is not None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(
-                asyncio.to_thread(provider.force_flush, int(_EXPORT_TIMEOUT_S * 1000)),
-                _EXPORT_TIMEOUT_S * 2,
-            )
+        await asyncio.to_thread(lk_observe.flush_tracing, provider, _EXPORT_TIMEOUT_S)
 
 
 def import_installed_plugins() -> list[str]:
@@ -114,13 +107,18 @@ def import_installed_plugins() -> list[str]:
     return imported
 
 
+def _setting(name: str) -> str | None:
+    # an empty value (`AGENT_VAD_PRESET=` in .env.example) means "the default", as unset does
+    return os.environ.get(name, "").strip() or None
+
+
 def selected_profile() -> SpeedProfile:
-    return speed_profile(os.environ.get("AGENT_SPEED", DEFAULT_SPEED_PROFILE))
+    return speed_profile(_setting("AGENT_SPEED") or DEFAULT_SPEED_PROFILE)
 
 
 def selected_preset(profile: SpeedProfile | None = None) -> VADPreset:
     profile = profile or selected_profile()
-    return vad_preset(os.environ.get("AGENT_VAD_PRESET", profile.vad_preset))
+    return vad_preset(_setting("AGENT_VAD_PRESET") or profile.vad_preset)
 
 
 def plugin_class(kind: Kind, model: str) -> Any | None:
@@ -190,24 +188,13 @@ class Assistant(Agent):
 
 
 def make_tracer_provider() -> TracerProvider | None:
-    """An OTLP-exporting provider when the standard OTEL_* variables name a collector."""
+    """lk_observe's OTLP provider (bounded, counted exports) when the standard OTEL_* variables
+    name a collector; protocol, timeout and queue come from the same variables."""
     if not (
-        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        _setting("OTEL_EXPORTER_OTLP_ENDPOINT") or _setting("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     ):
         return None
-    if os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
-            OTLPSpanExporter,
-        )
-    # Resource.create() reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES. No exit hook: the
-    # SDK's blocks for up to ~30 s on a dead collector; _flush below is bounded instead.
-    provider = TracerProvider(resource=Resource.create(), shutdown_on_exit=False)
-    exporter = OTLPSpanExporter(timeout=_EXPORT_TIMEOUT_S)  # one export never outlasts this
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+    return lk_observe.configure_tracing()
 
 
 def setup_tracing() -> TracerProvider | None:

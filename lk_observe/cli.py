@@ -1,4 +1,4 @@
-"""`lk-observe demo | generate | serve`."""
+"""lk-observe: latency observability for LiveKit voice agents (demo | generate | serve)."""
 
 from __future__ import annotations
 
@@ -14,40 +14,71 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from lk_observe.slo import DEFAULT_SLOS, SLO, load_slos
+from lk_observe import __version__
+from lk_observe.slo import DEFAULT_SLOS, SLO, SLOFile, read_slo_file, slo_warnings
 from lk_observe.turns import COMPONENTS, TIERS, Turn
 
 if TYPE_CHECKING:
     from lk_observe.demo import ScriptedTurn
     from lk_observe.monitor import LatencyMonitor
+    from lk_observe.rules import AlertOptions
 
 
 # -- generate ----------------------------------------------------------------------------------
 
 
-def generated_files(slos: Sequence[SLO]) -> dict[str, str]:
-    """Every generated artifact, by path relative to the project root."""
+def generated_files(
+    slos: Sequence[SLO], options: AlertOptions | None = None, *, examples: bool = True
+) -> dict[str, str]:
+    """Every generated artifact, by path relative to the project root; `examples`: also the
+    deploy example's copies of the operator manifests (lk_observe's own repository only)."""
     from lk_observe.dashboards import render_dashboards
-    from lk_observe.rules import OPERATOR_MANIFESTS, render_alerting_files
+    from lk_observe.rules import DEFAULT_ALERT_OPTIONS, OPERATOR_MANIFESTS, render_alerting_files
 
     files = {f"dashboards/{name}": text for name, text in render_dashboards(slos).items()}
-    alerting = render_alerting_files(slos)
+    alerting = render_alerting_files(slos, options or DEFAULT_ALERT_OPTIONS)
     files.update({f"alerting/{name}": text for name, text in alerting.items()})
-    # the deploy example ships the same operator manifests, so both places stay in step
-    for manifest in OPERATOR_MANIFESTS:
-        files[f"examples/deploy/k8s/{PurePosixPath(manifest).name}"] = alerting[manifest]
+    if examples:  # the deploy example ships the same operator manifests: both stay in step
+        for manifest in OPERATOR_MANIFESTS:
+            files[f"examples/deploy/k8s/{PurePosixPath(manifest).name}"] = alerting[manifest]
     return files
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def is_lk_observe_repository(root: Path) -> bool:
+    """True for lk_observe's own source tree, the one place that ships examples/deploy/."""
+    import tomllib
+
     try:
-        slos = load_slos(args.slo) if args.slo else DEFAULT_SLOS
+        project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    name = project.get("project", {}).get("name")
+    return name == "lk-observe" and (root / "examples" / "deploy" / "k8s").is_dir()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lk_observe.rules import RUNBOOK_BASE_URL, AlertOptions
+
+    try:
+        spec = read_slo_file(args.slo) if args.slo else SLOFile()
+        url = args.runbook_url or spec.runbook_base_url or RUNBOOK_BASE_URL
+        if not url.startswith(("https://", "http://")):
+            raise ValueError(f"--runbook-url must be an http(s) URL, got {url!r}")
+        options = AlertOptions(
+            runbook_base_url=url,
+            kubernetes_labels=spec.kubernetes_labels,
+            kubernetes_namespace=spec.kubernetes_namespace,
+        )
     except (OSError, ValueError) as exc:
         print(f"lk-observe generate: {exc}", file=sys.stderr)
         return 2
+    for slo in spec.slos:
+        for warning in slo_warnings(slo):
+            print(f"lk-observe generate: warning: {warning}", file=sys.stderr)
     out = Path(args.out)
+    files = generated_files(spec.slos, options, examples=is_lk_observe_repository(out))
     drifted: list[str] = []
-    for relative, text in sorted(generated_files(slos).items()):
+    for relative, text in sorted(files.items()):
         path = out / relative
         current = path.read_text(encoding="utf-8") if path.exists() else None
         if current == text:
@@ -71,11 +102,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # -- serve -------------------------------------------------------------------------------------
 
 
+def multiproc_dir_problem() -> str | None:
+    """Why PROMETHEUS_MULTIPROC_DIR cannot work for the ops app, or None (unset is no problem:
+    serve says so as a note)."""
+    from lk_observe.multiprocess import MULTIPROC_ENV
+
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        what = "does not exist (yet)" if not os.path.exists(path) else "is not a directory"
+    elif not os.access(path, os.W_OK | os.X_OK):
+        what = "is not writable by this process"
+    else:
+        return None
+    return (
+        f"{MULTIPROC_ENV}={path} {what}: until it is a writable directory, job processes "
+        "cannot share their metrics, /metrics shows only this process and /ready fails its "
+        "metrics_multiproc_dir check. Create it, writable by the agent, before the worker starts."
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lk_observe.multiprocess import MULTIPROC_ENV, multiproc_dir
+    from lk_observe.multiprocess import MULTIPROC_ENV
     from lk_observe.server import serve
 
-    if multiproc_dir() is None:  # the same test the ops app applies
+    problem = multiproc_dir_problem()
+    if problem is not None:
+        print(f"warning: {problem}", file=sys.stderr)
+    elif not os.environ.get(MULTIPROC_ENV):
         note = f"note: {MULTIPROC_ENV} is not set: /metrics shows only this process"
         print(note, file=sys.stderr)
     try:
@@ -83,16 +138,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
-    print(f"serving the ops app on {server.url} (Ctrl-C stops)")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before saying so: a Ctrl-C must stop cleanly
         signal.signal(sig, lambda *_: stop.set())
+    print(f"serving the ops app on {server.url} (Ctrl-C stops)", flush=True)
     stop.wait()
     server.stop()
     return 0
 
 
 # -- demo --------------------------------------------------------------------------------------
+
+# a well-tuned agent (the guide's fastest stack): within budget but for the script's slow turns
+DEMO_SPEED_PROFILE = "ultra"
 
 
 def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[ScriptedTurn]:
@@ -116,12 +174,12 @@ def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[Scrip
     script: list[ScriptedTurn] = []
     for i in range(turns):
         llm_ttft = within(*llm, spread=1.3)
-        extra: dict[str, float] = {}
-        if i % 7 == 4:  # an occasional slow turn: the LLM provider has a bad moment
-            llm_ttft = round(llm_ttft * rng.uniform(2.5, 3.5), 3)
+        extra: dict[str, Any] = {}  # ScriptedTurn keyword arguments
+        if i % 10 == 7:  # an occasional slow turn: the LLM provider has a bad moment
+            llm_ttft = round(rng.uniform(0.9, 1.3), 3)
         if i % 9 == 2:
-            extra["tool_s"] = within(150, 400)
-        if i % 11 == 6:  # the caller talks over a reply that is taking too long
+            extra["tool_s"] = within(60, 150)  # a quick lookup: a slow tool is its own problem
+        if i % 11 == 5:  # the caller talks over a reply that is taking too long
             llm_ttft, extra["barge_in_after_s"] = 1.4, 1.0
         script.append(
             ScriptedTurn(
@@ -236,7 +294,8 @@ async def _demo(args: argparse.Namespace) -> int:
             print("choose another with --port P, or --port -1 for none", file=sys.stderr)
             return 2
 
-    profile, vad = speed_profile(args.speed), vad_preset(args.preset)
+    profile = speed_profile(args.speed)
+    vad = vad_preset(args.preset or profile.vad_preset)
     total = args.turns
     done: list[lk_observe.Turn] = []
 
@@ -252,7 +311,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 "\n".join(["  rolling 5-minute percentiles (ms):", *_live_table(monitor, "demo")])
             )
 
-    script = demo_script(total, args.seed, preset=args.preset, speed=args.speed)
+    script = demo_script(total, args.seed, preset=vad.name, speed=profile.name)
     pipeline = build_pipeline(
         script,
         greeting=ScriptedTurn(reply_audio_s=0.8),
@@ -315,48 +374,136 @@ async def _demo(args: argparse.Namespace) -> int:
 # -- entry point -------------------------------------------------------------------------------
 
 
+def port(text: str, *, allow_none: bool = False) -> int:
+    """A TCP port for argparse: 0-65535 (0: any free port), and -1 where "none" is allowed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if allow_none and value == -1:
+        return value
+    if not 0 <= value <= 65535:
+        extra = ", or -1 for none" if allow_none else ""
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 0-65535 (0: any free){extra}")
+    return value
+
+
+def _demo_port(text: str) -> int:
+    return port(text, allow_none=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, but not "(default: None)" or "(default: False)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or action.default is True:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lk-observe", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from lk_observe.presets import SPEED_PROFILES, VAD_PRESETS
+    from lk_observe.rules import RUNBOOK_BASE_URL
 
-    from lk_observe.presets import (
-        DEFAULT_SPEED_PROFILE,
-        DEFAULT_VAD_PRESET,
-        SPEED_PROFILES,
-        VAD_PRESETS,
+    parser = argparse.ArgumentParser(
+        prog="lk-observe",
+        description=__doc__,
+        epilog="`lk-observe COMMAND --help` lists each command's options and their defaults.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,generate,serve}")
 
-    demo = sub.add_parser("demo", help="run a scripted voice session, instrumented")
-    demo.add_argument("--turns", type=int, default=12, help="user turns to play (default 12)")
-    demo.add_argument("--preset", choices=sorted(VAD_PRESETS), default=DEFAULT_VAD_PRESET)
-    demo.add_argument("--speed", choices=sorted(SPEED_PROFILES), default=DEFAULT_SPEED_PROFILE)
+    demo = sub.add_parser(
+        "demo",
+        help="run a scripted voice session, instrumented, with the live page",
+        description="Play a scripted conversation through a real AgentSession (no LiveKit "
+        "server, key or network), print each turn and its trace, serve the ops app.",
+        formatter_class=_HelpFormatter,
+    )
+    demo.add_argument("--turns", type=_positive_int, default=12, help="user turns to play")
+    demo.add_argument("--duration", type=_positive_float, default=None, help="stop after S seconds")
+    demo.add_argument(
+        "--speed",
+        choices=sorted(SPEED_PROFILES),
+        default=DEMO_SPEED_PROFILE,
+        help="speed profile: the STT, LLM and TTS models whose typical latency is played",
+    )
+    demo.add_argument(
+        "--preset",
+        choices=sorted(VAD_PRESETS),
+        default=None,
+        help="VAD preset (default: the speed profile's; ultra: fast_qa)",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="ops app address")
+    demo.add_argument(
+        "--port", type=_demo_port, default=8080, help="ops app port; 0 = any free, -1 = none"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="random seed of the script's jitter")
     demo.add_argument("--console-spans", action="store_true", help="also print spans as JSON")
-    demo.add_argument("--duration", type=float, default=None, help="stop after S seconds")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080, help="ops app port; 0 = any, -1 = none")
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--no-spans", dest="spans", action="store_false", help="omit span trees")
-    demo.add_argument("--keep-serving", action="store_true", help="keep the ops app up after")
+    demo.add_argument("--no-spans", dest="spans", action="store_false", help="omit the span trees")
+    demo.add_argument(
+        "--keep-serving", action="store_true", help="keep the ops app up after the last turn"
+    )
     demo.set_defaults(func=cmd_demo)
 
-    generate = sub.add_parser("generate", help="write dashboards/ and alerting/")
-    generate.add_argument("--out", default=".", help="project root to write into")
-    generate.add_argument("--slo", default=None, help="SLO file (YAML or TOML)")
-    generate.add_argument("--check", action="store_true", help="fail if files differ")
+    generate = sub.add_parser(
+        "generate",
+        help="write dashboards/ and alerting/ from SLO specs",
+        description="Write Grafana dashboards (dashboards/) and Prometheus rules, examples and "
+        "Kubernetes objects (alerting/) from the default SLOs or an SLO file.",
+        formatter_class=_HelpFormatter,
+    )
+    generate.add_argument("--out", default=".", help="directory to write dashboards/ alerting/ in")
+    generate.add_argument(
+        "--slo", default=None, help="SLO file, YAML or TOML (default: the built-in SLOs)"
+    )
+    generate.add_argument(
+        "--runbook-url",
+        default=None,
+        help=f"base URL of the runbooks the alerts link (default: the SLO file's "
+        f"runbook_base_url, else {RUNBOOK_BASE_URL})",
+    )
+    generate.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if any file differs"
+    )
     generate.set_defaults(func=cmd_generate)
 
-    srv = sub.add_parser("serve", help="serve the ops app standalone")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8080)
+    srv = sub.add_parser(
+        "serve",
+        help="serve the ops app standalone",
+        description="Serve the ops app (/health /ready /metrics /metrics/latency /slo and the "
+        "live page) on its own, reading every job process through PROMETHEUS_MULTIPROC_DIR.",
+        formatter_class=_HelpFormatter,
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 in a pod")
+    srv.add_argument("--port", type=port, default=8080, help="port; 0 = any free")
     srv.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "turns", 1) is not None and getattr(args, "turns", 1) < 1:
-        print("--turns must be at least 1", file=sys.stderr)
-        return 2
     if getattr(args, "port", 0) == -1:
         args.port = None
     result: int = args.func(args)

@@ -1,7 +1,9 @@
 """SLO specs -> Grafana dashboards, built with grafana-foundation-sdk and rendered as stable JSON.
 
-Every panel reads the raw metrics (never the recording rules), so the dashboards work on a
-Prometheus that scrapes the agent and has no lk_observe rules loaded.
+The overview and components dashboards read the raw metrics, so they work on a Prometheus that
+scrapes the agent and has no lk_observe rules loaded. The SLO dashboard's period and burn-window
+panels read the generated recording rules (alerting/lk-observe.rules.yml): a 30-day ratio from
+raw histogram buckets on every refresh is what those rules exist to avoid.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from lk_observe.promql import (
     ALERT_PREFIX,
     BUDGET_OVERRUNS_METRIC,
     ERRORS_METRIC,
+    INTERRUPTIONS_METRIC,
     LATENCY_BUCKET,
     LATENCY_COUNT,
     SESSIONS_METRIC,
     SINK_FAILURES_METRIC,
     TURNS_METRIC,
     component_matcher,
+    error_ratio_record,
     num,
     percent,
     quantile_expr,
@@ -38,6 +42,7 @@ from lk_observe.promql import (
     slo_rates,
     slo_windows,
     summed,
+    turns_rate_record,
 )
 from lk_observe.slo import SLO
 from lk_observe.turns import (
@@ -86,8 +91,20 @@ def good_ratio_expr(slo: SLO, window: str) -> str:
     return f"{good} / {total}"
 
 
+def recorded_error_ratio_expr(slo: SLO, window: str) -> str:
+    """Share of slow turns over `window` for the selected agents, from the recording rules:
+    each agent's ratio weighted by its turns (an agent without turns has a NaN ratio: left out)."""
+    sel = f'{{slo="{slo.name}",{AGENT}}}'
+    ratio, turns = error_ratio_record(window) + sel, turns_rate_record(window) + sel
+    return f"sum({ratio} * ({turns} > 0)) / sum({turns})"
+
+
+def recorded_good_ratio_expr(slo: SLO, window: str) -> str:
+    return f"1 - ({recorded_error_ratio_expr(slo, window)})"
+
+
 def burn_rate_expr(slo: SLO, window: str) -> str:
-    return f"(1 - {good_ratio_expr(slo, window)}) / {num(slo.error_budget)}"
+    return f"({recorded_error_ratio_expr(slo, window)}) / {num(slo.error_budget)}"
 
 
 def budget_left_expr(slo: SLO, window: str) -> str:
@@ -300,12 +317,30 @@ def overview_dashboard(slos: Sequence[SLO]) -> dash_m.Dashboard:
     for tier, color in TIER_COLORS.items():
         tier_share = tier_share.override_by_name(tier, [_color(color)])
         turns = turns.override_by_name(tier, [_color(color)])
+    barge_in = (
+        _timeseries(
+            "Barge-in rate",
+            "Replies the caller cut short (before or after their first audio) per answered "
+            "turn, per agent. A rise often follows slow replies: callers talk over silence.",
+            "percentunit",
+        )
+        .min(0)
+        .with_target(
+            _query(
+                f"{_agent_rate(INTERRUPTIONS_METRIC, 'agent')} / "
+                f"{_agent_rate(TURNS_METRIC, 'agent')}",
+                "{{agent}}",
+                "A",
+            )
+        )
+    )
 
     board = (
         _base("overview", "Voice agent / Overview", "Perceived latency, traffic and failures.")
         .with_panel(e2e_latency)
         .with_panel(tier_share)
         .with_panel(turns)
+        .with_panel(barge_in)
         .with_panel(
             _timeseries("Active sessions", "Sessions currently running, per agent.", "short")
             .with_target(
@@ -493,12 +528,15 @@ def _slo_row(board: dash_b.Dashboard, slo: SLO) -> dash_b.Dashboard:
     board = board.with_panel(
         _stat(
             f"Compliance ({slo.period})",
-            f"Share of good turns over the SLO period ({slo.period}); objective {target}.",
+            f"Share of good turns over the SLO period ({slo.period}); objective {target}. From "
+            "the generated recording rules: counts from when they were loaded.",
             "percentunit",
         )
         .decimals(2)
         .thresholds(_thresholds("red", ratio_steps))
-        .with_target(_query(good_ratio_expr(slo, slo.period), "compliance", "A", instant=True))
+        .with_target(
+            _query(recorded_good_ratio_expr(slo, slo.period), "compliance", "A", instant=True)
+        )
     )
     board = board.with_panel(
         _stat(
@@ -551,14 +589,18 @@ def _slo_row(board: dash_b.Dashboard, slo: SLO) -> dash_b.Dashboard:
             common_b.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED)
         )
     )
-    for length in slo_windows(slo):
+    for length in slo_windows(slo):  # the alerts' windows, all recorded
         burn = burn.with_target(_query(burn_rate_expr(slo, length), length, next(refs)))
     return board.with_panel(burn)
 
 
 def slo_dashboard(slos: Sequence[SLO]) -> dash_m.Dashboard:
     board = _base(
-        "slo", "Voice agent / SLOs", "Latency SLO compliance, error budget and burn rates."
+        "slo",
+        "Voice agent / SLOs",
+        "Latency SLO compliance, error budget and burn rates. Load the generated rules "
+        "(alerting/lk-observe.rules.yml or the PrometheusRule): the period and burn-rate panels "
+        "read their recordings.",
     ).with_panel(
         table.Panel()
         .title("Alerts firing or pending")

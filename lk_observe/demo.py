@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ class ScriptedTurn:
     reply_audio_s: float = 0.6
     tool_s: float | None = None  # the LLM first calls a tool that takes this long
     barge_in_after_s: float | None = None  # the next utterance starts this long after speech end
+    filler: bool = False  # the agent says "one moment" (session.say) before the LLM's reply
+    speak_before_tool: bool = False  # with tool_s: the LLM says "let me check", then calls it
+    typed: bool = False  # typed (generate_reply(user_input=...)) at its place on the timeline
+    handoff: bool = False  # the LLM calls `transfer`: a tool that hands off to a new Agent
     gap_s: float = 0.4  # silence between the end of the reply and the next utterance
 
 
@@ -68,7 +73,8 @@ class TurnTruth:
     tool: tuple[float, float] | None = None
 
     def latency_ms(self) -> dict[str, float]:
-        """The components DESIGN.md defines, from the pipeline's own clocks."""
+        """The components lk_observe measures (README, "What is measured"), from the pipeline's
+        own clocks."""
         out: dict[str, float] = {}
         if self.speech_end is not None:
             for name, at in (
@@ -91,6 +97,7 @@ class TurnTruth:
 class GroundTruth:
     turns: list[TurnTruth]
     greeting: TurnTruth = field(default_factory=TurnTruth)
+    fillers: dict[int, TurnTruth] = field(default_factory=dict)  # by user turn
     origin: float = 0.0  # unix time of the timeline's zero
 
 
@@ -104,6 +111,14 @@ def _reply_text(i: int) -> str:
 
 def _tool_result(i: int) -> str:
     return f"lookup-result-{i}"
+
+
+def _filler_text(i: int) -> str:
+    return f"F{i}: one moment."
+
+
+def _check_text(i: int) -> str:
+    return f"C{i}: let me check."
 
 
 GREETING_PROMPT = "greet the caller"
@@ -193,7 +208,10 @@ class _ScriptedVADStream(vad.VADStream):
             return
         owner._clock.start()
         clock = owner._clock
+        opened = clock.now()  # a stream opened later (a handoff's new agent) hears what follows
         for u in owner._utterances:
+            if u.turn.typed or u.start < opened:
+                continue  # typed (run_pipeline sends it), or spoken before this stream
             await clock.sleep_until(u.start + _MIN_SPEECH_S)
             self._send(vad.VADEventType.START_OF_SPEECH, u)
             decide_at = u.end + u.turn.vad_s
@@ -268,7 +286,10 @@ class _ScriptedSTTStream(stt.RecognizeStream):
         await self._input_ch.recv()
         owner._clock.start()
         clock = owner._clock
+        opened = clock.now()  # a stream opened later (a handoff's new agent) hears what follows
         for u in owner._utterances:
+            if u.turn.typed or u.start < opened:
+                continue  # typed (run_pipeline sends it), or spoken before this stream
             await clock.sleep_until(u.end + u.turn.stt_s / 2)
             self._send(stt.SpeechEventType.INTERIM_TRANSCRIPT, _user_text(u.index).split()[0])
             await clock.sleep_until(u.end + u.turn.stt_s)
@@ -343,14 +364,14 @@ class _ScriptedLLMStream(llm.LLMStream):
             return
         await asyncio.sleep(reply.ttft_s)
         first_token = time.time()
-        if reply.tool_call is not None:
-            self._send(llm.ChoiceDelta(role="assistant", tool_calls=[reply.tool_call]))
-        else:
+        if reply.content:
             words = reply.content.split(" ")
             for n, word in enumerate(words):
                 self._send(
                     llm.ChoiceDelta(role="assistant", content=word + " " * (n < len(words) - 1))
                 )
+        if reply.tool_call is not None:
+            self._send(llm.ChoiceDelta(role="assistant", tool_calls=[reply.tool_call]))
         reply.truth.llm_requests.append((started, first_token))
         rest = reply.total_s - (time.perf_counter() - started_perf)
         if rest > 0:
@@ -551,10 +572,16 @@ class ScriptedAudioOutput(AudioOutput):
 
 
 class ScriptedAgent(Agent):
-    def __init__(self, truth: GroundTruth, tool_delays: dict[int, float]) -> None:
+    def __init__(
+        self,
+        truth: GroundTruth,
+        tool_delays: dict[int, float],
+        fillers: frozenset[int] = frozenset(),
+    ) -> None:
         super().__init__(instructions="You are a scripted test agent.")
         self._truth = truth
         self._tool_delays = tool_delays
+        self._fillers = fillers
 
     async def on_user_turn_completed(
         self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage
@@ -565,6 +592,13 @@ class ScriptedAgent(Agent):
             index = int(text.rsplit(" ", 1)[1])
             if self._truth.turns[index].eou is None:
                 self._truth.turns[index].eou = time.time()
+            if index in self._fillers:
+                self.session.say(_filler_text(index))
+
+    @function_tool
+    async def transfer(self) -> tuple[Agent, str]:
+        """Hand the caller over to the specialist."""
+        return ScriptedSpecialist(self._truth, self._tool_delays, self._fillers), "transferred"
 
     @function_tool
     async def lookup(self, turn: int) -> str:
@@ -573,6 +607,16 @@ class ScriptedAgent(Agent):
         await asyncio.sleep(self._tool_delays.get(turn, 0.0))
         self._truth.turns[turn].tool = (started, time.time())
         return _tool_result(turn)
+
+
+class ScriptedSpecialist(ScriptedAgent):
+    """The agent a `transfer` hands off to: same scripted models, its own name."""
+
+    async def on_enter(self) -> None:
+        # its activity opens new VAD/STT streams: like a live microphone, feed them a frame
+        audio = self.session.input.audio
+        if isinstance(audio, ScriptedAudioInput):
+            audio.push_silence()
 
 
 @dataclass
@@ -610,13 +654,27 @@ def build_pipeline(
     tool_delays: dict[int, float] = {}
     for i, turn in enumerate(turns):
         t = truth.turns[i]
-        if turn.tool_s is not None:
+        if turn.filler:
+            f = truth.fillers[i] = TurnTruth()
+            tts_replies[_filler_text(i).split(" ")[0]] = _TTSReply(f, turn.tts_ttfb_s, 0.5)
+        if turn.handoff:
+            call = llm.FunctionToolCall(name="transfer", arguments="{}", call_id=f"transfer_{i}")
+            llm_replies[_user_text(i)] = _LLMReply(
+                t, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=call
+            )
+            llm_replies["transferred"] = _LLMReply(
+                t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
+            )
+        elif turn.tool_s is not None:
             tool_delays[i] = turn.tool_s
             call = llm.FunctionToolCall(
                 name="lookup", arguments=f'{{"turn": {i}}}', call_id=f"call_{i}"
             )
+            check = _check_text(i) if turn.speak_before_tool else ""
+            if check:
+                tts_replies[check.split(" ")[0]] = _TTSReply(t, turn.tts_ttfb_s, 0.6)
             llm_replies[_user_text(i)] = _LLMReply(
-                t, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=call
+                t, turn.llm_ttft_s, turn.llm_ttft_s, content=check, tool_call=call
             )
             llm_replies[_tool_result(i)] = _LLMReply(
                 t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
@@ -641,7 +699,7 @@ def build_pipeline(
         # the frame belongs to the reply whose audio the TTS produced last
         candidates = [
             t
-            for t in [truth.greeting, *truth.turns]
+            for t in [truth.greeting, *truth.turns, *truth.fillers.values()]
             if t.tts_first_audio is not None and t.first_audio_played is None
         ]
         if candidates:
@@ -663,7 +721,7 @@ def build_pipeline(
     audio_input = ScriptedAudioInput()
     session.input.audio = audio_input
     session.output.audio = ScriptedAudioOutput(on_first_frame)
-    agent = ScriptedAgent(truth, tool_delays)
+    agent = ScriptedAgent(truth, tool_delays, frozenset(i for i, t in enumerate(turns) if t.filler))
     return ScriptedPipeline(session, agent, truth, audio_input, utterances, greeting is not None)
 
 
@@ -674,11 +732,19 @@ async def run_pipeline(pipeline: ScriptedPipeline, *, settle_s: float = 0.5) -> 
     if pipeline.greeting:
         session.generate_reply(instructions=GREETING_PROMPT)
     pipeline.audio_input.push_silence()
+    loop = asyncio.get_running_loop()
+    for u in pipeline.utterances:
+        if u.turn.typed:
+            loop.call_later(u.end, functools.partial(_type, session, _user_text(u.index)))
     await asyncio.sleep(pipeline.duration_s + settle_s)
     with contextlib.suppress(RuntimeError):
         await session.drain()
     await session.aclose()
     return pipeline.truth
+
+
+def _type(session: AgentSession[None], text: str) -> None:
+    session.generate_reply(user_input=text)
 
 
 @contextlib.asynccontextmanager

@@ -155,6 +155,7 @@ class InstrumentHandle:
             else:
                 self.uninstrument()
         drained = sink_worker().drain(max(0.0, deadline - time.monotonic()))
+        self.sinks.deliver_stranded()  # the job's loop may have closed before on_turn ran
         exported = flush_tracing(self._tracer_provider, max(0.0, deadline - time.monotonic()))
         return drained and exported
 
@@ -186,7 +187,7 @@ class InstrumentHandle:
         return emit
 
     def _dispatch(self, turns: list[Turn]) -> None:
-        self.turns_emitted += len(turns)
+        self.turns_emitted += sum(turn.complete for turn in turns)
         self.sinks.submit(turns, self.events.livekit_span)
 
 

@@ -33,6 +33,7 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("SpeechHandle", "_agent_turn_context"),
 )
 _MAX_TRACKED_HANDLES = 64
+MAX_AGENT_ID = 64  # characters of an Agent id kept on a turn
 
 Deliver = Callable[[list[Turn]], None]
 
@@ -62,6 +63,9 @@ class SessionEvents:
         self._speech_handles: OrderedDict[str, weakref.ref[Any]] = OrderedDict()
         self._self_ref = weakref.ref(self)  # for LiveKit's callbacks: they must not pin us
         self._timer: asyncio.TimerHandle | None = None
+        # LiveKit sets the early metrics for LLM replies only and never clears them: a say()
+        # or filler after a reply would read that reply's figures again
+        self._early_read: object = None
 
     def read(self, event: str, ev: Any, at: float) -> None:
         """One emitted event (`at`: its arrival, unix seconds). Never raises."""
@@ -111,11 +115,16 @@ class SessionEvents:
         session = self._session_ref()
         speech = getattr(session, "current_speech", None)
         early = getattr(session, "_early_assistant_metrics", None)
+        if early is self._early_read:
+            early = None  # already read for an earlier reply: not this speech's
+        else:
+            self._early_read = early
         turns = self.assembler.agent_speaking(
             getattr(speech, "id", None),
             ev.created_at,
             early if isinstance(early, Mapping) else None,
             at,
+            active_agent=_agent_id(session),
         )
         self._arm_expiry()
         return turns
@@ -129,12 +138,16 @@ class SessionEvents:
             return self.assembler.user_turn(
                 item.id, item.metrics or {}, self._current_speech_id(), at
             )
+        elif kind == "message" and item.role == "assistant":
+            return self.assembler.assistant_message(
+                self._current_speech_id(), item.metrics or {}, at
+            )
         return self.assembler.expire(at)
 
     def _on_speech_created(self, ev: Any, at: float) -> list[Turn]:
         handle = ev.speech_handle
         self._track_speech(handle)
-        return self.assembler.speech_created(handle.id, at)
+        return self.assembler.speech_created(handle.id, at, said=ev.source == "say")
 
     def _on_tools(self, ev: Any, at: float) -> list[Turn]:
         starts = [c.created_at for c in ev.function_calls]
@@ -250,6 +263,15 @@ _ROUTES: dict[str, Callable[[SessionEvents, Any, float], list[Turn]]] = {
     "close": SessionEvents._on_close,
 }
 OBSERVED_EVENTS: frozenset[str] = frozenset(_ROUTES)
+
+
+def _agent_id(session: Any) -> str | None:
+    """The id of the Agent the session runs now (a handoff or task changes it)."""
+    try:
+        agent_id = getattr(session.current_agent, "id", None)
+    except Exception:  # not running (RuntimeError), or an older livekit-agents
+        return None
+    return agent_id[:MAX_AGENT_ID] if isinstance(agent_id, str) and agent_id else None
 
 
 def add_job_shutdown_callback(callback: Callable[[], Any]) -> bool:

@@ -187,6 +187,10 @@ def turn_fields(
     fields["over_budget_ms"] = {
         component: _round(over) for component, over in budget_overruns(turn, budget).items()
     }
+    if turn.played_ms is not None:
+        fields["played_ms"] = _round(turn.played_ms)
+    if turn.active_agent is not None:
+        fields["active_agent"] = turn.active_agent
     fields["tool_calls"] = turn.tool_calls
     if turn.tool_ms is not None:
         fields["tool_ms"] = _round(turn.tool_ms)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import re
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
 
 from lk_observe import multiprocess, promql
+from lk_observe.multiprocess import Labels
 from lk_observe.promql import LATENCY_BUCKETS_S
 from lk_observe.turns import COMPONENTS, TIERS, Turn
 
@@ -63,6 +66,16 @@ class _LabelGuard:
         self._overflow.inc()
         logger.debug("label value over the cardinality limit", extra={"label": self._label})
         return OTHER
+
+
+# the `le` of each latency bucket as the merged exposition spells it
+_BUCKET_LE = (*(floatToGoString(b) for b in LATENCY_BUCKETS_S), "+Inf")  # type: ignore[no-untyped-call]
+
+
+def _bucket_sample(agent: str, component: str, seconds: float) -> tuple[str, Labels, float]:
+    """The latency bucket sample an observation lands in: its exemplar's place."""
+    le = _BUCKET_LE[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)]
+    return promql.LATENCY_BUCKET, (("agent", agent), ("component", component), ("le", le)), seconds
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,13 @@ class LatencyMetrics:
             ["sink"],
             registry=registry,
         )
+        self.interruptions = Counter(
+            promql.INTERRUPTIONS_METRIC,
+            "Agent replies the user cut short (barge-in), before or after their first audio",
+            ["agent"],
+            registry=registry,
+        )
+        self._interruptions_by_agent: dict[str, Counter] = {}
         self.budget_overruns = Counter(
             promql.BUDGET_OVERRUNS_METRIC,
             "Turns whose component latency exceeded its budget",
@@ -149,7 +169,7 @@ class LatencyMetrics:
         self._series: dict[str, _AgentSeries] = {}  # by admitted agent value
         self._series_by_raw: dict[str, _AgentSeries] = {}  # by raw agent, admitted ones only
         self._active_count: dict[str, int] = {}
-        # file-backed values drop exemplars; skip building and validating them for nothing
+        # file-backed values drop exemplars: multiprocess.ExemplarStore keeps them instead
         self._exemplars = not multiprocess.values_are_file_backed()
         self._lock = threading.Lock()
         self.skipped_observations = 0  # NaN / negative latencies: counted, never exported wrong
@@ -164,6 +184,8 @@ class LatencyMetrics:
         with cls._instances_lock:
             found = cls._instances.get(target)
             if found is None:
+                # before the first child: a missing or read-only directory must not raise
+                multiprocess.ensure_multiproc_dir()
                 found = cls(target)
                 cls._instances[target] = found
                 multiprocess.warn_if_misconfigured()
@@ -175,10 +197,11 @@ class LatencyMetrics:
     def observe_turn(self, turn: Turn) -> None:
         """Latency per measured component (seconds) and, for user turns, the tier count."""
         series = self._series_by_raw.get(turn.agent) or self._series_for(turn.agent)
-        exemplar = (
-            {"trace_id": f"{turn.trace_id:032x}"}
-            if turn.trace_id is not None and self._exemplars
-            else None
+        trace_id = None if turn.trace_id is None else f"{turn.trace_id:032x}"
+        exemplar = {"trace_id": trace_id} if trace_id is not None and self._exemplars else None
+        # multiprocess mode: (sample, labels, value) that this turn is the latest exemplar of
+        kept: list[tuple[str, Labels, float]] | None = (
+            [] if trace_id is not None and not self._exemplars else None
         )
         for component, ms in turn.latency_ms.items():
             child = series.latency.get(component) or self._bind_latency(series, component)
@@ -189,13 +212,35 @@ class LatencyMetrics:
                 logger.debug("skipped invalid latency", extra={"component": component})
                 continue
             child.observe(ms / 1000.0, exemplar)
+            if kept is not None:
+                kept.append(_bucket_sample(series.agent, component, ms / 1000.0))
         if turn.kind == "user" and turn.tier is not None:
             counter = series.turns.get(turn.tier)
             if counter is not None:
                 counter.inc(1, exemplar)
+                if kept is not None:
+                    labels = (("agent", series.agent), ("tier", turn.tier))
+                    kept.append((promql.TURNS_METRIC, labels, 1.0))
+        if kept and trace_id is not None:
+            store = multiprocess.exemplar_store()
+            if store is not None:
+                store.add(kept, trace_id)
         for component in turn.budget_overruns_ms:
             if component in COMPONENTS:
                 self._overrun_child(series.agent, component).inc()
+
+    def observe_completed_turn(self, turn: Turn) -> None:
+        """A reply ended: count it when the user cut it short (its latency went live already)."""
+        if not turn.interrupted:
+            return
+        agent = (self._series_by_raw.get(turn.agent) or self._series_for(turn.agent)).agent
+        self._interruptions_child(agent).inc()
+
+    def _interruptions_child(self, agent: str) -> Counter:
+        child = self._interruptions_by_agent.get(agent)
+        if child is None:  # agent labels are bounded by the cardinality guard
+            child = self._interruptions_by_agent[agent] = self.interruptions.labels(agent=agent)
+        return child
 
     def export_components(self, agent: str, components: Iterable[str]) -> None:
         """Export these latency series at zero now: Prometheus cannot see the increase of a
@@ -215,6 +260,7 @@ class LatencyMetrics:
             self._active_count[key] = self._active_count.get(key, 0) + 1
         series.active.inc()
         series.sessions.inc()
+        self._interruptions_child(key)  # exported at zero: rate() sees the first barge-in
 
     def session_ended(self, agent: str) -> None:
         """Decrement the active gauge; an unmatched end is ignored rather than going below 0."""

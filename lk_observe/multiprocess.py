@@ -1,5 +1,6 @@
-"""LiveKit's one-process-per-job worker: the shared PROMETHEUS_MULTIPROC_DIR, dead-process
-reaping, and the monitor snapshot files that let the ops app show every job process's window.
+"""LiveKit's one-process-per-job worker: the shared PROMETHEUS_MULTIPROC_DIR (created, or
+fallen back from), dead-process reaping, the monitor snapshot files that let the ops app show
+every job process's window, and the exemplar files that link /metrics to job processes' traces.
 
 LiveKit runs each job in its own process; the ops app runs in the worker's main process and
 its own monitor sees no turns. Each process that records turns writes its window (live slices,
@@ -21,14 +22,19 @@ import multiprocessing.util
 import os
 import re
 import stat
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Metric
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client import values as prometheus_values
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 from lk_observe.monitor import (
     MAX_NAME_LENGTH,
@@ -50,7 +56,10 @@ _WARN_EVERY_S = 60.0  # one log line per skip reason per minute
 
 
 def multiproc_dir() -> str | None:
-    """The shared metrics directory when multiprocess mode is on (LiveKit's convention)."""
+    """The shared metrics directory when multiprocess mode is on (LiveKit's convention); None
+    also when this process found it unusable and keeps its metrics in-process."""
+    if _unusable_dir is not None:
+        return None
     path = os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower())
     return path or None
 
@@ -59,6 +68,50 @@ def values_are_file_backed() -> bool:
     """Whether prometheus_client keeps this process's values in the shared directory's files
     (decided when prometheus_client was imported)."""
     return prometheus_values.ValueClass is not prometheus_values.MutexValue
+
+
+_unusable_dir: str | None = None  # set once this process fell back to in-process values
+_dir_checked_pid = 0
+_dir_lock = threading.Lock()
+
+
+def ensure_multiproc_dir() -> bool:
+    """Make file-backed metrics safe to create in this process: create a missing
+    PROMETHEUS_MULTIPROC_DIR; if it cannot be created or written, fall back to in-process
+    values with one warning. True when this process shares its metrics. Never raises."""
+    global _unusable_dir, _dir_checked_pid
+    if not values_are_file_backed():
+        return False
+    pid = os.getpid()
+    if _dir_checked_pid == pid:
+        return _unusable_dir is None
+    with _dir_lock:
+        if _dir_checked_pid == pid:
+            return _unusable_dir is None
+        path = multiproc_dir() or ""
+        try:
+            if not path:
+                raise FileNotFoundError("the variable is empty or unset")
+            os.makedirs(path, exist_ok=True)
+            # os.access trusts mode bits; a real file also catches read-only mounts and quotas
+            fd, probe = tempfile.mkstemp(prefix=".lk_observe_probe_", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            # every file-backed metric created from now on would raise into the agent
+            prometheus_values.ValueClass = prometheus_values.MutexValue
+            _unusable_dir = path
+            logger.warning(
+                "%s=%r cannot be used (%s: %s); lk_observe keeps this process's metrics "
+                "in-process, so they are not shared with the worker's /metrics. Create the "
+                "directory, writable by the agent, before the worker starts.",
+                MULTIPROC_ENV,
+                path,
+                type(exc).__name__,
+                exc.strerror or exc,
+            )
+        _dir_checked_pid = pid
+        return _unusable_dir is None
 
 
 def warn_if_misconfigured() -> None:
@@ -160,15 +213,85 @@ def snapshot_dir(base: str) -> str:
     return os.path.join(base, SNAPSHOT_DIRNAME)
 
 
-class SnapshotWriter:
+class _ThrottledWriter:
+    """A file one process rewrites for the ops app: `notify` only flags a change; a daemon
+    thread calls `write` at most every `min_interval_s` (a trailing write included, so the last
+    change of a burst is not stranded); `close` stops it and writes once more (final=True) if
+    anything was ever written or is pending. Subclasses write temp-then-os.replace, so a reader
+    never sees half a file. No fsync: the crash that matters is the process's, and the page
+    cache outlives it."""
+
+    _thread_name = "lk-observe-writer"
+    _what = "file"  # for the failure log line
+
+    def __init__(self, min_interval_s: float) -> None:
+        self._min_interval_s = min_interval_s
+        self._cond = threading.Condition()
+        self._dirty = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.writes = 0
+        self.failures = 0
+
+    def notify(self, turn: Turn | None = None) -> None:
+        """Something changed: write within min_interval_s. Cheap; never blocks on I/O."""
+        del turn
+        with self._cond:
+            if self._closed:
+                return
+            self._dirty = True
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=self._thread_name, daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the thread and write the final file (if anything was ever recorded)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            pending = self._dirty or self.writes > 0
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if pending:
+            self._write_logged(final=True, timeout_s=timeout_s)
+
+    def write(self, *, final: bool = False, timeout_s: float = -1) -> int:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._dirty and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._dirty = False
+            self._write_logged(final=False)
+            with self._cond:  # throttle; close() cuts the wait short
+                self._cond.wait_for(lambda: self._closed, self._min_interval_s)
+
+    def _write_logged(self, *, final: bool, timeout_s: float = -1) -> None:
+        try:
+            self.write(final=final, timeout_s=timeout_s)
+        except Exception:  # a full disk costs the ops app this process's numbers, nothing more
+            self.failures += 1
+            logger.warning("lk_observe could not write a %s", self._what, exc_info=True)
+
+
+class SnapshotWriter(_ThrottledWriter):
     """Writes one process's monitor window (and its last few turns) for the ops app to merge.
 
-    `notify` is a turn sink: it only flags the change. A daemon thread writes at most every
-    `min_interval_s` (a trailing write included, so the last turn of a burst is not stranded)
-    with write-temp-then-os.replace, so a reader never sees half a file. No fsync: the crash
-    that matters is the process's, and the page cache outlives it. `close` writes a final
+    `notify` is a turn sink (see _ThrottledWriter for the thread). `close` writes a final
     snapshot under a ".final" name that readers keep counting until its slices expire.
     """
+
+    _thread_name = "lk-observe-snapshot"
+    _what = "monitor snapshot"
 
     def __init__(
         self,
@@ -180,53 +303,20 @@ class SnapshotWriter:
         max_bytes: int = MAX_SNAPSHOT_BYTES,
         recent_turns: int = SNAPSHOT_RECENT_TURNS,
     ) -> None:
+        super().__init__(min_interval_s)
         self.monitor = monitor
         self.directory = directory
         self.pid = os.getpid()
         self.path = os.path.join(directory, f"monitor_{self.pid}.json")
         self._temp = os.path.join(directory, f".monitor_{self.pid}.json.tmp")
         self._recent = recent
-        self._min_interval_s = min_interval_s
         self._max_bytes = max_bytes
         self._recent_turns = recent_turns
-        self._cond = threading.Condition()
         self._write_lock = threading.Lock()
-        self._dirty = False
-        self._closed = False
         self._finalized = False
-        self._thread: threading.Thread | None = None
-        self.writes = 0
-        self.failures = 0
         self.truncated = 0  # series left out of size-capped snapshots, in total
         self.last_bytes = 0
         self._warned_at = -math.inf
-
-    def notify(self, turn: Turn | None = None) -> None:
-        """The monitor changed: write within min_interval_s. Cheap; never blocks on I/O."""
-        del turn
-        with self._cond:
-            if self._closed:
-                return
-            self._dirty = True
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="lk-observe-snapshot", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
-
-    def close(self, timeout_s: float = 2.0) -> None:
-        """Stop the thread and write the final snapshot (if anything was ever recorded)."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            pending = self._dirty or self.writes > 0
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        if pending:
-            self._write_logged(final=True, timeout_s=timeout_s)
 
     def write(self, *, final: bool = False, timeout_s: float = -1) -> int:
         """Write the snapshot now; its size in bytes (0 when skipped). Blocking: off the loop."""
@@ -250,25 +340,6 @@ class SnapshotWriter:
             return len(data)
         finally:
             self._write_lock.release()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._dirty and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                self._dirty = False
-            self._write_logged(final=False)
-            with self._cond:  # throttle; close() cuts the wait short
-                self._cond.wait_for(lambda: self._closed, self._min_interval_s)
-
-    def _write_logged(self, *, final: bool, timeout_s: float = -1) -> None:
-        try:
-            self.write(final=final, timeout_s=timeout_s)
-        except Exception:  # a full disk costs the ops app this process's numbers, nothing more
-            self.failures += 1
-            logger.warning("lk_observe could not write a monitor snapshot", exc_info=True)
 
     def _encode(self, final: bool) -> bytes:
         state = self.monitor.snapshot()
@@ -613,3 +684,432 @@ def _remove(path: str) -> None:
     # another reader may have removed it first; a read-only directory leaves it for someone else
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+# -- exemplars -----------------------------------------------------------------------------------
+#
+# prometheus_client drops exemplars when values live in the shared files, so the worker's
+# /metrics would link no turn to its trace. Each process keeps the latest exemplar per sample
+# (metric name, labels, bucket) in memory and rewrites exemplars_<pid>.json at most once a
+# second from a daemon thread; render_metrics puts the newest one per sample, across processes,
+# on the merged OpenMetrics output. Exemplars stay true after their process ends (its counts stay
+# in the .db files), so a dead process's file is kept for EXEMPLAR_RETENTION_S, then deleted.
+
+EXEMPLAR_INTERVAL_S = 1.0
+MAX_EXEMPLARS = 1024  # per process, one per sample; the least recently updated goes first
+MAX_EXEMPLAR_BYTES = 256 << 10  # per file; 1024 exemplars take about a quarter of it
+MAX_EXEMPLAR_FILES = 256  # read per scrape, newest first; dead processes' extra files deleted
+MAX_EXEMPLAR_TOTAL_BYTES = 32 << 20  # read per scrape
+_MAX_EXEMPLAR_CACHED_BYTES = 8 << 20  # of files whose parsed content the reader keeps
+EXEMPLAR_RETENTION_S = 300.0  # a dead process's file, after its last write: several scrapes
+_EXEMPLAR_FILE = re.compile(r"^exemplars_(\d{1,10})\.json$")
+_EXEMPLAR_TEMP = re.compile(r"^\.exemplars_(\d{1,10})\.json\.tmp$")
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")  # fullmatch: an exemplar carries a trace id, no text
+_MAX_NAME = 200  # a sample name or label in an exemplar file; longer ones are not lk_observe's
+_MAX_TIMESTAMP = 1e11  # seconds since the epoch: year 5138; larger is not a clock reading
+
+Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs, le included for buckets
+ExemplarKey = tuple[str, Labels]  # (sample name, labels)
+KeptExemplar = tuple[str, float, float]  # (trace id, value, unix timestamp)
+
+
+class ExemplarStore(_ThrottledWriter):
+    """This process's latest exemplar per sample, written to `directory` for the ops app.
+
+    `add` runs on the sink thread (a dict update and a notify); the file is written by the
+    daemon thread of _ThrottledWriter. Memory and file size are bounded whatever the traffic.
+    """
+
+    _thread_name = "lk-observe-exemplars"
+    _what = "exemplar file"
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        min_interval_s: float = EXEMPLAR_INTERVAL_S,
+        max_entries: int = MAX_EXEMPLARS,
+        max_bytes: int = MAX_EXEMPLAR_BYTES,
+    ) -> None:
+        super().__init__(min_interval_s)
+        self.directory = directory
+        self.pid = os.getpid()
+        self.path = os.path.join(directory, f"exemplars_{self.pid}.json")
+        self._temp = os.path.join(directory, f".exemplars_{self.pid}.json.tmp")
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._entries: OrderedDict[ExemplarKey, KeptExemplar] = OrderedDict()
+        self._lock = threading.Lock()  # entries: the sink thread adds, the writer thread reads
+        self._write_lock = threading.Lock()
+        self.evicted = 0  # samples whose exemplar made room for a newer sample's
+        self.truncated = 0  # exemplars left out of size-capped files, in total
+        self.last_bytes = 0
+
+    def add(
+        self,
+        samples: Iterable[tuple[str, Labels, float]],
+        trace_id: str,
+        timestamp: float | None = None,
+    ) -> None:
+        """Record `trace_id` as the exemplar of each (sample name, labels, observed value)."""
+        if not _TRACE_ID.fullmatch(trace_id):
+            return
+        at = time.time() if timestamp is None else timestamp
+        with self._lock:
+            entries = self._entries
+            for name, labels, value in samples:
+                if not math.isfinite(value):
+                    continue
+                key = (name, labels)
+                entries[key] = (trace_id, value, at)
+                entries.move_to_end(key)
+            while len(entries) > self._max_entries:
+                entries.popitem(last=False)
+                self.evicted += 1
+        self.notify()
+
+    def entries(self) -> dict[ExemplarKey, KeptExemplar]:
+        """A copy of what this process holds now (the ops app's own turns, fresher than its
+        file)."""
+        with self._lock:
+            return dict(self._entries)
+
+    def write(self, *, final: bool = False, timeout_s: float = -1) -> int:
+        """Write the file now; its size in bytes. Blocking: off the loop."""
+        del final  # the file keeps its name: readers age a dead process's file out by mtime
+        if not self._write_lock.acquire(timeout=timeout_s):
+            raise TimeoutError("an exemplar write is stuck")
+        try:
+            data = self._encode()
+            os.makedirs(self.directory, exist_ok=True)
+            with open(self._temp, "wb") as file:
+                file.write(data)
+            os.replace(self._temp, self.path)
+            self.writes += 1
+            self.last_bytes = len(data)
+            return len(data)
+        finally:
+            self._write_lock.release()
+
+    def _encode(self) -> bytes:
+        with self._lock:
+            items = list(self._entries.items())
+        head = f'{{"v":1,"pid":{self.pid},"exemplars":['
+        used = len(head) + 2
+        kept: list[str] = []
+        for (name, labels), (trace_id, value, at) in reversed(items):  # newest first
+            text = _dumps([name, dict(labels), trace_id, value, at])
+            if used + len(text) + 1 > self._max_bytes:
+                self.truncated += 1
+                continue
+            kept.append(text)
+            used += len(text) + 1
+        return f"{head}{','.join(kept)}]}}".encode()
+
+
+_store: ExemplarStore | None = None
+_store_lock = threading.Lock()
+
+
+def exemplar_store() -> ExemplarStore | None:
+    """This process's exemplar store in multiprocess mode (None otherwise)."""
+    store = _store
+    if store is not None:
+        return store
+    base = multiproc_dir()
+    if base is None:
+        return None
+    return _make_store(base)
+
+
+def _make_store(base: str) -> ExemplarStore:
+    global _store
+    with _store_lock:
+        if _store is None:
+            _store = ExemplarStore(snapshot_dir(base))
+            # also runs when a multiprocessing child (a LiveKit job process) returns
+            multiprocessing.util.Finalize(None, _close_store, exitpriority=10)
+        return _store
+
+
+def _close_store() -> None:
+    store = _store
+    if store is not None and store.pid == os.getpid():
+        store.close()
+
+
+def _forget_store_after_fork() -> None:
+    # The child has the parent's exemplars and file name but is another process.
+    global _store
+    _store = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_store_after_fork)
+
+
+@dataclass(frozen=True)
+class _ExemplarFile:
+    path: str
+    pid: int
+    mtime_ns: int
+    size: int
+
+
+class ExemplarReader:
+    """Puts every process's exemplars on the merged samples of a multiprocess /metrics.
+
+    Blocking (file I/O): call it where render_metrics runs, off the loop. Bad files (corrupt,
+    truncated, too large, another version) are skipped and counted in `skipped`; files of
+    processes dead for over `retention_s`, extra dead ones and dead writers' temp files are
+    deleted.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_files: int = MAX_EXEMPLAR_FILES,
+        max_bytes: int = MAX_EXEMPLAR_BYTES,
+        max_total_bytes: int = MAX_EXEMPLAR_TOTAL_BYTES,
+        retention_s: float = EXEMPLAR_RETENTION_S,
+    ) -> None:
+        self.directory = directory
+        self._max_files = max_files
+        self._max_bytes = max_bytes
+        self._max_total_bytes = max_total_bytes
+        self._retention_ns = int(retention_s * 1e9)
+        self._lock = threading.Lock()
+        self._skipped: dict[str, int] = {}
+        self._last_warned: dict[str, float] = {}
+        # (path, mtime_ns, size) -> what the file held; only files of the latest listing
+        self._parsed: dict[tuple[str, int, int], dict[ExemplarKey, KeptExemplar] | str] = {}
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Exemplar files skipped so far, by reason (a copy)."""
+        with self._lock:
+            return dict(self._skipped)
+
+    def attach(self, families: list[Metric]) -> list[Metric]:
+        """`families` (changed in place) with the newest exemplar of each histogram bucket and
+        counter total that any process recorded one for. Never raises."""
+        with self._lock:
+            try:
+                self._attach(families)
+            except Exception:  # a scrape must answer; at worst without exemplars
+                logger.exception("lk_observe could not merge exemplar files")
+                self._count("error", self.directory)
+        return families
+
+    def prune(self) -> None:
+        """Delete what `attach` would (for scrapes that carry no exemplars). Never raises."""
+        with self._lock:
+            try:
+                self._files()
+            except Exception:
+                logger.exception("lk_observe could not prune exemplar files")
+
+    def _attach(self, families: list[Metric]) -> None:
+        wanted: dict[ExemplarKey, tuple[int, int]] = {}  # -> (family index, sample index)
+        for f_index, family in enumerate(families):
+            suffix = _EXEMPLAR_SUFFIX.get(family.type)
+            if suffix is None:
+                continue
+            for s_index, sample in enumerate(family.samples):
+                if sample.name.endswith(suffix):
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    wanted[key] = (f_index, s_index)
+        if not wanted:
+            return
+        newest: dict[ExemplarKey, KeptExemplar] = {}
+        sources = self._load_files()
+        own = _store
+        if own is not None and own.pid == os.getpid():
+            sources.append(own.entries())
+        for entries in sources:
+            for key, kept in entries.items():
+                if key in wanted:
+                    found = newest.get(key)
+                    if found is None or kept[2] > found[2]:
+                        newest[key] = kept
+        for key, (trace_id, value, at) in newest.items():
+            f_index, s_index = wanted[key]
+            samples = families[f_index].samples
+            samples[s_index] = samples[s_index]._replace(
+                exemplar=Exemplar({"trace_id": trace_id}, value, at)
+            )
+
+    def _load_files(self) -> list[dict[ExemplarKey, KeptExemplar]]:
+        budget = self._max_total_bytes
+        parsed_before, self._parsed = self._parsed, {}
+        cached_bytes = 0
+        loaded: list[dict[ExemplarKey, KeptExemplar]] = []
+        for candidate in self._files():
+            key = (candidate.path, candidate.mtime_ns, candidate.size)
+            entry = parsed_before.get(key)  # an unchanged file is not read or parsed again
+            if entry is None:
+                if budget < candidate.size:
+                    self._count("over_limit", candidate.path)
+                    continue
+                budget -= candidate.size
+                entry = self._load(candidate.path)
+                if entry is None:
+                    continue
+            if cached_bytes + candidate.size <= _MAX_EXEMPLAR_CACHED_BYTES:
+                self._parsed[key] = entry
+                cached_bytes += candidate.size
+            if isinstance(entry, str):
+                self._count(entry, candidate.path)
+                continue
+            loaded.append(entry)
+        return loaded
+
+    def _load(self, path: str) -> dict[ExemplarKey, KeptExemplar] | str | None:
+        """A file's validated exemplars, or why it is skipped (None: gone meanwhile)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return "unreadable"
+        try:
+            with os.fdopen(fd, "rb") as file:
+                data = file.read(self._max_bytes + 1)
+        except OSError:
+            return "unreadable"
+        if len(data) > self._max_bytes:
+            return "too_large"
+        try:
+            return parse_exemplars(json.loads(data))
+        except SnapshotError as exc:
+            return exc.reason
+        except (ValueError, RecursionError):  # not JSON: truncated, garbage, not UTF-8
+            return "corrupt"
+
+    def _files(self) -> list[_ExemplarFile]:
+        """Exemplar files worth reading, newest first; deletes what no scrape needs."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        except OSError:
+            self._count("unreadable", self.directory)
+            return []
+        own = os.getpid()
+        now_ns = time.time_ns()
+        live: list[_ExemplarFile] = []
+        dead: list[_ExemplarFile] = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            temp = _EXEMPLAR_TEMP.match(name)
+            if temp is not None:
+                if not pid_alive(int(temp.group(1))):
+                    _remove(path)  # a writer died between write and rename
+                continue
+            match = _EXEMPLAR_FILE.match(name)
+            if match is None:
+                continue
+            pid = int(match.group(1))
+            if pid == own and _store is not None and _store.pid == own:
+                continue  # this process's store is read directly, and fresher
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            found = _ExemplarFile(path, pid, info.st_mtime_ns, info.st_size)
+            if pid == own or pid_alive(pid):
+                live.append(found)
+            elif now_ns - info.st_mtime_ns > self._retention_ns:
+                _remove(path)
+            else:
+                dead.append(found)
+        live.sort(key=_newest_file_first)
+        dead.sort(key=_newest_file_first)
+        for extra in dead[max(0, self._max_files - len(live)) :]:
+            _remove(extra.path)  # disk stays bounded however fast jobs come and go
+        for extra in live[self._max_files :]:
+            self._count("over_limit", extra.path)
+        kept = live[: self._max_files] + dead[: max(0, self._max_files - len(live))]
+        kept.sort(key=_newest_file_first)
+        return kept
+
+    def _count(self, reason: str, path: str) -> None:
+        self._skipped[reason] = self._skipped.get(reason, 0) + 1
+        now = time.monotonic()
+        last = self._last_warned.get(reason)
+        if last is not None and now - last < _WARN_EVERY_S:
+            return
+        self._last_warned[reason] = now
+        logger.warning("lk_observe skipped exemplar file %s (%s)", path, reason)
+
+
+_EXEMPLAR_SUFFIX = {"histogram": "_bucket", "counter": "_total"}  # where OpenMetrics allows them
+
+
+def _newest_file_first(found: _ExemplarFile) -> int:
+    return -found.mtime_ns
+
+
+def parse_exemplars(state: object) -> dict[ExemplarKey, KeptExemplar]:
+    """An exemplar file's content, validated; raises SnapshotError("corrupt"/"incompatible")."""
+    if not isinstance(state, dict):
+        raise SnapshotError("corrupt", "not a JSON object")
+    if state.get("v") != 1:
+        raise SnapshotError("incompatible", "another exemplar file version")
+    rows = state.get("exemplars")
+    if not isinstance(rows, list) or len(rows) > 2 * MAX_EXEMPLARS:
+        raise SnapshotError("corrupt", "bad exemplar list")
+    found: dict[ExemplarKey, KeptExemplar] = {}
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 5:
+            raise SnapshotError("corrupt", "bad exemplar row")
+        name, labels, trace_id, value, at = row
+        if not (isinstance(name, str) and len(name) <= _MAX_NAME and isinstance(labels, dict)):
+            raise SnapshotError("corrupt", "bad sample name or labels")
+        if len(labels) > 8 or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) + len(v) <= _MAX_NAME
+            for k, v in labels.items()
+        ):
+            raise SnapshotError("corrupt", "bad labels")
+        if not (isinstance(trace_id, str) and _TRACE_ID.fullmatch(trace_id)):
+            raise SnapshotError("corrupt", "not a trace id")
+        if not (_is_number(value) and _is_number(at) and 0 < at < _MAX_TIMESTAMP):
+            raise SnapshotError("corrupt", "bad value or timestamp")
+        found[(name, tuple(sorted(labels.items())))] = (trace_id, float(value), float(at))
+    return found
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class ExemplarCollector:
+    """A collector's families with the processes' exemplars put on (for OpenMetrics only:
+    the text format has no place for them)."""
+
+    def __init__(self, collector: Collector, reader: ExemplarReader) -> None:
+        self._collector = collector
+        self._reader = reader
+
+    def collect(self) -> list[Metric]:
+        return self._reader.attach(list(self._collector.collect()))
+
+
+_readers: dict[str, ExemplarReader] = {}
+_readers_lock = threading.Lock()
+
+
+def exemplar_reader(base: str) -> ExemplarReader:
+    """The reader of `base` (PROMETHEUS_MULTIPROC_DIR): one per directory, so its cache of
+    unchanged files lasts between scrapes."""
+    directory = snapshot_dir(base)
+    with _readers_lock:
+        reader = _readers.get(directory)
+        if reader is None:
+            if len(_readers) >= 4:  # the variable changed: the old directories are done
+                _readers.clear()
+            reader = _readers[directory] = ExemplarReader(directory)
+        return reader

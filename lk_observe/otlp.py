@@ -50,6 +50,8 @@ _HTTP_TRACES_PATH = "/v1/traces"
 # where each exporter sends when neither an endpoint nor the environment names one
 _DEFAULT_ENDPOINTS = {"http/protobuf": "http://localhost:4318", "grpc": "http://localhost:4317"}
 _DEFAULT_BATCH_SIZE = 512  # the SDK's default max_export_batch_size
+_DEFAULT_TIMEOUT_S = 2.0  # one export, retries included: short, a dead collector costs spans
+_DEFAULT_QUEUE_SIZE = 2048  # the SDK's default max_queue_size
 _EXIT_SHUTDOWN_S = 5.0  # interpreter exit waits at most this long for every provider together
 # a failed export that used this much of its deadline timed out (the exporters give up early
 # only when the next back-off would not fit)
@@ -70,6 +72,7 @@ class _ExportStats:
     last_success_unix: float | None = None
     last_failure_unix: float | None = None
     attempt_error: str | None = None  # what the HTTP transport saw during the current export
+    lost_at_last_flush: int = 0  # flush_tracing reports spans lost since the previous flush
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def success(self, spans: int) -> None:
@@ -92,6 +95,13 @@ class _ExportStats:
     def lost(self) -> int:
         with self.lock:
             return self.failed + self.dropped
+
+    def lost_since_last_flush(self) -> int:
+        """Spans failed or dropped since the previous call (or since the provider was made)."""
+        with self.lock:
+            lost = self.failed + self.dropped
+            new, self.lost_at_last_flush = lost - self.lost_at_last_flush, lost
+            return new
 
     def snapshot(self) -> dict[str, object]:
         with self.lock:
@@ -434,30 +444,106 @@ def _make_exporter(
     return HttpExporter(endpoint=url, timeout=timeout_s, session=session)
 
 
+def _env_number(names: Sequence[str], default: float, *, millis: bool = False) -> float:
+    """The first of `names` set to a positive number, else `default`. A bad value is logged
+    and skipped: an environment typo must not stop the agent."""
+    for name in names:
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            logger.warning("%s=%r is not a positive number; ignoring it", name, raw)
+            continue
+        return value / 1000.0 if millis else value
+    return default
+
+
+def _env_timeout_s() -> float:
+    """OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT as Python's OTLP exporters read it (seconds; the
+    OTel spec says milliseconds, so 1000 or more is taken as milliseconds), then
+    OTEL_BSP_EXPORT_TIMEOUT (milliseconds), then the default."""
+    seconds = _env_number(
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"), math.nan
+    )
+    if math.isfinite(seconds):
+        return seconds / 1000.0 if seconds >= 1000 else seconds
+    return _env_number(("OTEL_BSP_EXPORT_TIMEOUT",), _DEFAULT_TIMEOUT_S, millis=True)
+
+
+def _check_endpoint(protocol: str, endpoint: str, source: str) -> str | None:
+    """Why `endpoint` cannot be an OTLP collector address, or None."""
+    text = endpoint.strip()
+    bare = protocol == "grpc" and "://" not in text  # grpc also takes host:port
+    try:
+        parts = urlsplit(f"//{text}" if bare else text)
+        port = parts.port  # ValueError when out of range or not a number
+    except ValueError as exc:
+        return f"{source} {endpoint!r} is not a URL: {exc}"
+    if not bare and parts.scheme not in ("http", "https"):
+        example = _DEFAULT_ENDPOINTS[protocol]
+        return f"{source} {endpoint!r} is not an http(s) URL like {example}"
+    if not parts.hostname or (bare and port is None):
+        return (
+            f"{source} {endpoint!r} names no host (and port), e.g. {_DEFAULT_ENDPOINTS[protocol]}"
+        )
+    return None
+
+
 def configure_tracing(
     *,
     endpoint: str | None = None,
     protocol: str | None = None,
-    timeout_s: float = 2.0,
+    timeout_s: float | None = None,
     service_name: str | None = None,
-    max_queue_size: int = 2048,
+    max_queue_size: int | None = None,
     registry: CollectorRegistry | None = None,
 ) -> TracerProvider:
     """A TracerProvider exporting over OTLP, for `instrument(session, tracer_provider=...)`.
 
+    Each setting: the argument, else the standard OTel variable, else the default.
     endpoint: http/protobuf: a base URL (`/v1/traces` is appended unless present);
-        grpc: `http://host:port`. Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT.
-    protocol: "http/protobuf" | "grpc"; default OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL.
-    timeout_s: bound on one export call, retries and back-off included (SDK >= 1.34).
+        grpc: `http://host:port`. Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else
+        localhost:4318 (http/protobuf) or :4317 (grpc).
+    protocol: "http/protobuf" | "grpc"; default OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else
+        http/protobuf.
+    timeout_s: bound on one export call, retries and back-off included (SDK >= 1.34); default
+        OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT, OTEL_BSP_EXPORT_TIMEOUT, else 2 s.
     service_name: default OTEL_SERVICE_NAME.
+    max_queue_size: spans beyond it are dropped and counted; default OTEL_BSP_MAX_QUEUE_SIZE,
+        else 2048. (OTEL_BSP_SCHEDULE_DELAY and OTEL_BSP_MAX_EXPORT_BATCH_SIZE apply too.)
     It is returned, never set as the global provider. Stop it with `shutdown_tracing()`.
+    A bad argument raises ValueError; a bad variable is logged and its default used.
     """
-    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+    if timeout_s is None:
+        timeout_s = _env_timeout_s()
+    elif isinstance(timeout_s, bool) or not (
+        isinstance(timeout_s, (int, float)) and timeout_s > 0 and math.isfinite(timeout_s)
+    ):
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    if max_queue_size < 1:
+    if max_queue_size is None:
+        max_queue_size = int(_env_number(("OTEL_BSP_MAX_QUEUE_SIZE",), _DEFAULT_QUEUE_SIZE))
+    elif max_queue_size < 1:
         raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size!r}")
     chosen = _resolve_protocol(protocol)
+    if endpoint is not None:
+        problem = _check_endpoint(chosen, endpoint, "endpoint")
+        if problem:
+            raise ValueError(problem)
     stats = _ExportStats(protocol=chosen, collector=_collector_label(_target(chosen, endpoint)))
+    if endpoint is None:
+        for var in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+            value = os.environ.get(var)
+            if not value:
+                continue
+            if problem := _check_endpoint(chosen, value, var):
+                # the agent still starts, and export_health() says it is not exporting
+                logger.warning("%s; spans will not be exported", problem)
+                stats.last_error, stats.last_failure_unix = "InvalidEndpoint", time.time()
+            break
     counter = _FailureCounter(LatencyMetrics.for_registry(registry))
     ledger = _QueueLedger()
     exporter = _CountingExporter(
@@ -537,17 +623,18 @@ def shutdown_tracing(provider: ApiTracerProvider, timeout_s: float = 5.0) -> boo
 
 def flush_tracing(provider: ApiTracerProvider, timeout_s: float) -> bool:
     """Export every span the provider holds, waiting at most timeout_s. True only if it
-    finished in time and, for a configure_tracing provider, no span was lost meanwhile
-    (the SDK's force_flush returns True even when the export failed). Blocks: off the loop."""
+    finished in time and, for a configure_tracing provider, no span was lost (failed or
+    dropped) since the previous flush_tracing of it, or since it was made: the SDK's
+    force_flush returns True even when the export failed. Blocks: call it off the loop."""
     force_flush = getattr(provider, "force_flush", None)
     if not callable(force_flush):
         return True
     with _providers_lock:
         stats = _providers.get(provider)
-    lost_before = stats.lost() if stats is not None else 0
     millis = max(int(timeout_s * 1000), 1)
     finished = _run_bounded(lambda: force_flush(millis), timeout_s, "otel-flush")
-    return finished and (stats is None or stats.lost() == lost_before)
+    lost = stats.lost_since_last_flush() if stats is not None else 0
+    return finished and lost == 0
 
 
 def _register_exit_hook() -> None:

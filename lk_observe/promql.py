@@ -29,6 +29,7 @@ ACTIVE_SESSIONS_METRIC = "voice_agent_active_sessions"
 SESSIONS_METRIC = "voice_agent_sessions_total"
 ERRORS_METRIC = "voice_agent_errors_total"
 SINK_FAILURES_METRIC = "voice_agent_sink_failures_total"
+INTERRUPTIONS_METRIC = "voice_agent_interruptions_total"
 BUDGET_OVERRUNS_METRIC = "voice_agent_budget_overruns_total"
 LABEL_OVERFLOW_METRIC = "voice_agent_label_overflow_total"
 
@@ -108,3 +109,25 @@ def slo_windows(slo: SLO) -> list[str]:
     """Every window the SLO's burn-rate alerts read, shortest first, each once."""
     names = {w for bw in slo.windows for w in (bw.long, bw.short)}
     return sorted(names, key=lambda w: (duration_seconds(w), w))
+
+
+def error_ratio_record(window: str) -> str:
+    """The recording rule holding an SLO's share of slow turns over `window`, by agent."""
+    return f"slo:sli_error:ratio_rate{window}"
+
+
+def turns_rate_record(window: str) -> str:
+    """The recording rule holding an SLO's turns per second over `window`, by agent."""
+    return f"slo:sli_turns:rate{window}"
+
+
+def bad_turns_rate_record(window: str) -> str:
+    """Slow turns per second over `window`: the period's ratio sums it over time."""
+    return f"slo:sli_bad_turns:rate{window}"
+
+
+def recorded_windows(slo: SLO) -> list[str]:
+    """Every window with error-ratio and turn-rate records: the alerts' windows and the
+    SLO period, shortest first."""
+    windows = slo_windows(slo)
+    return windows if slo.period in windows else [*windows, slo.period]

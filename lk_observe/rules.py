@@ -7,8 +7,8 @@ Everything here is a pure function of the SLO specs: `render_alerting_files` is 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -19,16 +19,19 @@ from lk_observe.promql import (
     LATENCY_BUCKET,
     LATENCY_COUNT,
     TURNS_METRIC,
+    bad_turns_rate_record,
     component_matcher,
     duration_seconds,
+    error_ratio_record,
     num,
     percent,
     selector,
     slo_rates,
     slo_windows,
     summed,
+    turns_rate_record,
 )
-from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow
+from lk_observe.slo import DEFAULT_SLOS, MIN_TURNS, SLO, BurnWindow, traffic_guard
 
 RUNBOOK_BASE_URL = "https://github.com/lk-observe/lk-observe/blob/main/docs/runbooks/"
 
@@ -45,8 +48,8 @@ RUNBOOKS: dict[str, str] = {
 P95 = 0.95  # the guide's own percentile
 
 # A p95 over fewer than 20 turns is just their slowest one: with >= 20 turns a single slow turn
-# can never be the 95th percentile, so one bad turn at 3 a.m. cannot page.
-P95_MIN_TURNS = 20
+# can never be the 95th percentile, so one bad turn at 3 a.m. cannot page (slo.MIN_TURNS).
+P95_MIN_TURNS = MIN_TURNS
 
 RULES_FILE = "lk-observe.rules.yml"
 PROMETHEUS_RULE_FILE = "kubernetes/prometheusrule.yaml"
@@ -60,9 +63,18 @@ GENERATED_HEADER = (
 Rule = dict[str, Any]
 
 
+# kube-prometheus-stack's Prometheus picks PrometheusRules and PodMonitors labelled with its Helm
+# release name (ruleSelector / podMonitorSelector default to `release: <release name>`)
+DEFAULT_KUBERNETES_LABELS: dict[str, str] = {
+    "app.kubernetes.io/name": "lk-observe",
+    "release": "kube-prometheus-stack",
+}
+
+
 @dataclass(frozen=True)
 class AlertOptions:
-    """Knobs that are not part of an SLO: where runbooks live and how long conditions must hold.
+    """Knobs that are not part of an SLO: where runbooks live, how long conditions must hold,
+    and the Kubernetes objects' labels (added to DEFAULT_KUBERNETES_LABELS) and namespace.
 
     Tests shrink the `for` durations; production keeps the defaults.
     """
@@ -72,8 +84,12 @@ class AlertOptions:
     p95_for: str = "5m"  # a p95 over 5m flaps on one burst; demand it hold before paging
     no_turns_window: str = "10m"
     no_turns_for: str = "5m"
+    kubernetes_labels: Mapping[str, str] = field(default_factory=dict)
+    kubernetes_namespace: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.runbook_base_url.endswith("/"):  # the runbook's file name is appended
+            object.__setattr__(self, "runbook_base_url", self.runbook_base_url + "/")
         for text in (self.p95_window, self.no_turns_window):
             duration_seconds(text)
         for text in (self.p95_for, self.no_turns_for):
@@ -89,14 +105,6 @@ DEFAULT_ALERT_OPTIONS = AlertOptions()
 
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:g}ms"
-
-
-def error_ratio_record(window: str) -> str:
-    return f"slo:sli_error:ratio_rate{window}"
-
-
-def turns_rate_record(window: str) -> str:
-    return f"slo:sli_turns:rate{window}"
 
 
 def _record_selector(slo: SLO) -> str:
@@ -124,6 +132,8 @@ def recording_rules(slo: SLO) -> list[Rule]:
             }
         )
         rules.append({"record": turns_rate_record(window), "expr": total, "labels": dict(labels)})
+    if slo.period not in slo_windows(slo):
+        rules.extend(_period_rules(slo, labels))
     # Static facts about the SLO, so dashboards read budget and threshold from the same source.
     rules.append(
         {
@@ -142,9 +152,38 @@ def recording_rules(slo: SLO) -> list[Rule]:
     return rules
 
 
+def _period_rules(slo: SLO, labels: dict[str, str]) -> list[Rule]:
+    """The SLO period's ratio from the shortest window's records summed over time, so neither a
+    rule nor a dashboard reads 30 days of raw histogram buckets."""
+    base = slo_windows(slo)[0]
+    good, total = slo_rates(slo, base, by=("agent",))
+    sel = _record_selector(slo)
+    period = slo.period
+    return [
+        {
+            "record": bad_turns_rate_record(base),
+            "expr": f"{total}\n-\n{good}",
+            "labels": dict(labels),
+        },
+        {
+            "record": error_ratio_record(period),
+            "expr": (
+                f"sum_over_time({bad_turns_rate_record(base)}{sel}[{period}])\n/\n"
+                f"sum_over_time({turns_rate_record(base)}{sel}[{period}])"
+            ),
+            "labels": dict(labels),
+        },
+        {
+            "record": turns_rate_record(period),
+            "expr": f"avg_over_time({turns_rate_record(base)}{sel}[{period}])",
+            "labels": dict(labels),
+        },
+    ]
+
+
 def min_turns(slo: SLO, window: str) -> float:
-    """Turns the window must hold before its alert may fire: min_turns_per_hour, pro rata."""
-    return slo.min_turns_per_hour * duration_seconds(window) / 3600.0
+    """Turns the window must hold before its alert may fire (slo.traffic_guard)."""
+    return traffic_guard(slo, duration_seconds(window))
 
 
 def _runbook(alert: str, options: AlertOptions) -> str:
@@ -206,7 +245,7 @@ def p95_alert(slo: SLO, options: AlertOptions = DEFAULT_ALERT_OPTIONS) -> Rule:
     """The guide's own number: p95 of the component above the SLO threshold, right now."""
     component = component_matcher(slo.component)
     window = options.p95_window
-    guard = num(max(P95_MIN_TURNS, math.ceil(min_turns(slo, window))))
+    guard = num(math.ceil(min_turns(slo, window)))
     buckets = summed("rate", selector(LATENCY_BUCKET, component), window, ("le", "agent"))
     turns = summed("increase", selector(LATENCY_COUNT, component), window, ("agent",))
     # one line per operand: the rule file is read in review
@@ -308,7 +347,7 @@ def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str_representer)
 
 
-def _dump(data: Any) -> str:
+def _dump(data: Any, note: str = "") -> str:
     text = yaml.dump(
         data,
         Dumper=_Dumper,
@@ -317,13 +356,32 @@ def _dump(data: Any) -> str:
         allow_unicode=True,
         width=4096,  # never fold long annotations mid-sentence
     )
-    return GENERATED_HEADER + text
+    return GENERATED_HEADER + note + text
 
 
 def render_rule_file(
     slos: Iterable[SLO] = DEFAULT_SLOS, options: AlertOptions = DEFAULT_ALERT_OPTIONS
 ) -> str:
     return _dump(rule_groups(slos, options))
+
+
+def _metadata(name: str, options: AlertOptions, **extra: str) -> dict[str, Any]:
+    labels = {**DEFAULT_KUBERNETES_LABELS, **extra, **options.kubernetes_labels}
+    metadata: dict[str, Any] = {"name": name}
+    if options.kubernetes_namespace:
+        metadata["namespace"] = options.kubernetes_namespace
+    metadata["labels"] = labels
+    return metadata
+
+
+def _namespace_note(options: AlertOptions) -> str:
+    if options.kubernetes_namespace:
+        return ""
+    return (
+        "# No metadata.namespace (set kubernetes.namespace in the SLO file to pin one): it lands\n"
+        "# in `kubectl apply -n <namespace>`, or your context's namespace. Apply it where the\n"
+        "# agent's pods run: a PodMonitor only selects pods in its own namespace.\n"
+    )
 
 
 def prometheus_rule_manifest(
@@ -333,20 +391,17 @@ def prometheus_rule_manifest(
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
-        "metadata": {
-            "name": "lk-observe-slos",
-            "labels": {"app.kubernetes.io/name": "lk-observe", "role": "alert-rules"},
-        },
+        "metadata": _metadata("lk-observe-slos", options, role="alert-rules"),
         "spec": rule_groups(slos, options),
     }
 
 
-def pod_monitor_manifest() -> dict[str, Any]:
+def pod_monitor_manifest(options: AlertOptions = DEFAULT_ALERT_OPTIONS) -> dict[str, Any]:
     """prometheus-operator PodMonitor scraping the agent's ops app (/metrics on port 8080)."""
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
-        "metadata": {"name": "voice-agent", "labels": {"app.kubernetes.io/name": "lk-observe"}},
+        "metadata": _metadata("voice-agent", options),
         "spec": {
             "selector": {"matchLabels": {"app.kubernetes.io/name": "voice-agent"}},
             "podMetricsEndpoints": [
@@ -386,6 +441,13 @@ def alertmanager_example() -> dict[str, Any]:
     }
 
 
+PROMETHEUS_NOTE = (
+    "# Start Prometheus with --enable-feature=exemplar-storage: without it the exemplars the\n"
+    "# agent exposes (each latency observation's trace_id) are dropped at scrape and the\n"
+    "# dashboards' latency panels cannot link to a turn's trace.\n"
+)
+
+
 def prometheus_example() -> dict[str, Any]:
     return {
         "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
@@ -408,8 +470,10 @@ def render_alerting_files(
     slo_list = list(slos)
     return {
         RULES_FILE: render_rule_file(slo_list, options),
-        PROMETHEUS_RULE_FILE: _dump(prometheus_rule_manifest(slo_list, options)),
-        POD_MONITOR_FILE: _dump(pod_monitor_manifest()),
+        PROMETHEUS_RULE_FILE: _dump(
+            prometheus_rule_manifest(slo_list, options), _namespace_note(options)
+        ),
+        POD_MONITOR_FILE: _dump(pod_monitor_manifest(options), _namespace_note(options)),
         "alertmanager.example.yml": _dump(alertmanager_example()),
-        "prometheus.example.yml": _dump(prometheus_example()),
+        "prometheus.example.yml": _dump(prometheus_example(), PROMETHEUS_NOTE),
     }

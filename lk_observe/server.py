@@ -27,8 +27,10 @@ from prometheus_client.openmetrics.exposition import generate_latest as render_o
 
 from lk_observe.monitor import LatencyMonitor, default_monitor
 from lk_observe.multiprocess import (
+    ExemplarCollector,
     MergedView,
     SnapshotReader,
+    exemplar_reader,
     multiproc_dir,
     reap_dead_processes,
     snapshot_dir,
@@ -37,6 +39,7 @@ from lk_observe.otlp import export_health
 from lk_observe.presets import DEFAULT_BUDGET
 from lk_observe.recent import RecentTurns, default_recent_turns, turn_summary
 from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
+from lk_observe.tracing import CHILD_SPANS
 from lk_observe.turns import COMPONENTS, EXCELLENT_BELOW_MS, GOOD_BELOW_MS
 
 logger = logging.getLogger(__name__)
@@ -80,13 +83,21 @@ def render_metrics(
     registry: CollectorRegistry | None = None, openmetrics: bool = False
 ) -> tuple[bytes, str]:
     """Exposition bytes and content type. In multiprocess mode every process's files are merged
-    (as LiveKit's own /metrics does) and `registry` is ignored. Blocking: call it off the loop."""
+    (as LiveKit's own /metrics does), OpenMetrics with every process's newest exemplars, and
+    `registry` is ignored. Blocking: call it off the loop."""
     directory = multiproc_dir()
     target: CollectorRegistry
     if directory and os.path.isdir(directory):
         reap_dead_processes(directory)
         target = CollectorRegistry()
-        prometheus_multiprocess.MultiProcessCollector(target, path=directory)  # type: ignore[no-untyped-call]
+        files = prometheus_multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+        exemplars = exemplar_reader(directory)
+        if openmetrics:
+            # prometheus_client leaves exemplars out here: add the ones lk_observe kept
+            target.register(ExemplarCollector(files, exemplars))
+        else:
+            exemplars.prune()
+            target.register(files)
     else:
         target = REGISTRY if registry is None else registry
     if openmetrics:
@@ -171,6 +182,7 @@ def _page_config() -> str:
     """What the live page needs of lk_observe's constants, so the page holds no copy of them."""
     config = {
         "components": COMPONENTS,
+        "stages": ["e2e", *CHILD_SPANS],  # the waterfall's bars and legend, tool time included
         "budget_ms": {c: DEFAULT_BUDGET.upper_bound(c) for c in COMPONENTS},
         "excellent_below_ms": EXCELLENT_BELOW_MS,
         "good_below_ms": GOOD_BELOW_MS,
@@ -324,6 +336,8 @@ class Server:
         limit_concurrency: int = DEFAULT_CONNECTION_LIMIT,
         timeout_keep_alive: int = 5,
     ) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be 0-65535 (0: any free port), got {port!r}")
         # Bind here so port=0 has a real port before start() returns, and errors raise here.
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import queue
 import threading
@@ -147,9 +148,11 @@ def with_fields(turn: Turn, **changes: Any) -> Turn:
 
 
 class TurnSinks:
-    """One session's sinks, run on the sink thread in order: the tracer first (so the others
-    see the trace id), then metrics, monitor, SLO check, recent turns, logs, snapshot files,
-    and finally `on_turn` back on the agent's loop. A failing sink is counted and logged."""
+    """One session's sinks, run on the sink thread. A turn's live report (first audio) opens
+    its trace and feeds metrics, the monitor, the SLO check and the snapshot files; its complete
+    record (the reply ended) ends the trace and goes to the recent turns, the logs and finally
+    `on_turn`, back on the agent's loop. The tracer goes first each time, so the others see the
+    trace id. A failing sink is counted and logged."""
 
     def __init__(
         self,
@@ -165,20 +168,28 @@ class TurnSinks:
         self._tracer = tracer
         self._on_turn = on_turn
         self.loop: asyncio.AbstractEventLoop | None = None  # where on_turn runs
+        # handed to the loop and not run yet: delivered from here if the loop closes first
+        self._handed: dict[int, Turn] = {}
+        self._handed_ids = itertools.count()
         slo_checker = slo_check(monitor, agent, slos) if slos else None
-        self._sinks: list[tuple[str, Sink]] = [
+        # multiprocess mode: share the monitor and recent turns with the ops app
+        snapshot = snapshot_sinks(monitor)
+        self._live_sinks: list[tuple[str, Sink]] = [
             ("metrics", metrics.observe_turn),
             ("monitor", monitor.record_turn),
             ("slo", (lambda _turn: slo_checker.maybe_check()) if slo_checker else _no_sink),
+            *snapshot,
+        ]
+        self._complete_sinks: list[tuple[str, Sink]] = [
+            ("metrics", metrics.observe_completed_turn),
             ("recent", default_recent_turns().add),
             ("logs", default_turn_logger()),
-            # multiprocess mode: share the monitor with the ops app in the worker process
-            *snapshot_sinks(monitor),
+            *snapshot,
         ]
 
     @property
     def names(self) -> list[str]:
-        return [name for name, _ in self._sinks]
+        return sorted({name for name, _ in (*self._live_sinks, *self._complete_sinks)})
 
     def submit(
         self, turns: Iterable[Turn], links: Callable[[str | None], SpanContext | None]
@@ -205,7 +216,10 @@ class TurnSinks:
             self._failed("budget")
         root: SpanContext | None = None
         try:
-            root = self._tracer.record(turn, link, overruns)
+            if turn.complete:
+                root = self._tracer.finish(turn, link, overruns)
+            else:
+                root = self._tracer.start(turn, link)
         except Exception:
             self._failed("tracing")
         if root is not None:
@@ -214,20 +228,46 @@ class TurnSinks:
             )
         elif overruns:
             turn = with_fields(turn, budget_overruns_ms=overruns)
-        for name, sink in self._sinks:
+        for name, sink in self._complete_sinks if turn.complete else self._live_sinks:
             try:
                 turn = sink(turn) or turn
             except Exception:
                 self._failed(name)
-        if self._on_turn is not None:
-            loop = self.loop
-            if loop is not None and not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(self._call_on_turn, turn)
-                    return
-                except RuntimeError:  # the loop closed meanwhile
-                    pass
+        if self._on_turn is not None and turn.complete:
+            self._hand_back(turn)
+
+    def _hand_back(self, turn: Turn) -> None:
+        """`on_turn` on the agent's loop; straight from here when the loop is gone."""
+        self.deliver_stranded()
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            key = next(self._handed_ids)
+            self._handed[key] = turn
+            try:
+                loop.call_soon_threadsafe(self._run_handed, key)
+                return
+            except RuntimeError:  # the loop closed meanwhile
+                self._handed.pop(key, None)
+        self._call_on_turn(turn)
+
+    def _run_handed(self, key: int) -> None:
+        turn = self._handed.pop(key, None)
+        if turn is not None:
             self._call_on_turn(turn)
+
+    def deliver_stranded(self) -> int:
+        """Run `on_turn` here for turns handed to a loop that closed before running them (a
+        job that ended); how many. Every finished turn reaches `on_turn` once."""
+        loop = self.loop
+        if not self._handed or (loop is not None and not loop.is_closed()):
+            return 0
+        stranded = 0
+        for key in sorted(self._handed):
+            turn = self._handed.pop(key, None)
+            if turn is not None:
+                stranded += 1
+                self._call_on_turn(turn)
+        return stranded
 
     def _failed(self, name: str) -> None:
         logger.warning("lk_observe sink %r failed", name, exc_info=True)

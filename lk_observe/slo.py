@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -31,6 +32,41 @@ class BurnWindow:
     short: str  # e.g. "5m"
     factor: float  # burn rate that trips the alert
     severity: Severity
+
+    def __post_init__(self) -> None:
+        long_s, short_s = (
+            _positive_duration("long", self.long),
+            _positive_duration("short", self.short),
+        )
+        factor = self.factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise ValueError(f"factor must be a number, got {factor!r}")
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(
+                f"factor must be > 0 (a burn rate: 14.4 spends the budget 14.4 times too fast), "
+                f"got {factor!r}"
+            )
+        if short_s >= long_s:
+            raise ValueError(
+                f"long ({self.long}) must be longer than short ({self.short}): the short window "
+                "only confirms that the long one is still burning; swap them"
+            )
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be {_SEVERITY_CHOICES}, got {self.severity!r}")
+
+
+def _positive_duration(what: str, text: object) -> float:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a Prometheus duration like '5m' or '1h', got {text!r}")
+    try:
+        seconds = duration_seconds(text)
+    except ValueError:
+        raise ValueError(
+            f"{what} must be a Prometheus duration like '5m', '1h' or '30d', got {text!r}"
+        ) from None
+    if seconds <= 0:
+        raise ValueError(f"{what} must be longer than 0, got {text!r}")
+    return seconds
 
 
 DEFAULT_BURN_WINDOWS: tuple[BurnWindow, ...] = (
@@ -63,23 +99,47 @@ class SLO:
             raise ValueError(f"SLO name must be [A-Za-z0-9_]+, got {self.name!r}")
         if self.component not in COMPONENTS:
             raise ValueError(f"SLO component must be one of {COMPONENTS}, got {self.component!r}")
-        if not (isinstance(self.threshold_s, (int, float)) and math.isfinite(self.threshold_s)):
-            raise ValueError(f"SLO threshold must be a finite number, got {self.threshold_s!r}")
-        if bucket_edge(self.threshold_s) is None:
-            raise ValueError(
-                f"SLO {self.name}: threshold {self.threshold_s}s is not a histogram bucket edge; "
-                f"choose one of {list(LATENCY_BUCKETS_S)} so Prometheus can count it exactly"
-            )
-        if not 0.0 < self.objective < 1.0:
-            raise ValueError(f"SLO objective must be in (0, 1), got {self.objective!r}")
+        self._check_threshold()
+        self._check_objective()
         if self.severity not in SEVERITIES:
             raise ValueError(f"SLO severity must be {_SEVERITY_CHOICES}, got {self.severity!r}")
-        duration_seconds(self.period)
+        _positive_duration("period", self.period)
         for window in self.windows:
-            duration_seconds(window.long)
-            duration_seconds(window.short)
+            if not isinstance(window, BurnWindow):
+                raise ValueError(f"SLO windows must be BurnWindow objects, got {window!r}")
         if self.min_turns_per_hour < 0:
             raise ValueError("min_turns_per_hour must be >= 0")
+
+    def _check_threshold(self) -> None:
+        value = self.threshold_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"SLO threshold_s must be a number of seconds, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"SLO threshold must be a finite number, got {value!r}")
+        if value <= 0:
+            raise ValueError(f"SLO threshold_s must be > 0 (seconds: 0.8 is 800 ms), got {value!r}")
+        if bucket_edge(value) is None:
+            hint = ""
+            if bucket_edge(value / 1000.0) is not None:
+                hint = f" threshold_s is in seconds: did you mean {value / 1000.0:g}?"
+            raise ValueError(
+                f"SLO {self.name}: threshold {value}s is not a histogram bucket edge; "
+                f"choose one of {list(LATENCY_BUCKETS_S)} so Prometheus can count it exactly."
+                + hint
+            )
+
+    def _check_objective(self) -> None:
+        value = self.objective
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"SLO objective must be a number in (0, 1), got {value!r}")
+        if 0.0 < value < 1.0:
+            return
+        hint = ""
+        if 1.0 < value < 100.0:
+            hint = f": did you mean {value / 100.0:g} ({value:g}%)?"
+        elif value == 1.0:
+            hint = ": 1 leaves no error budget (every slow turn would page); try 0.999"
+        raise ValueError(f"SLO objective must be a ratio in (0, 1), got {value!r}{hint}")
 
     @property
     def error_budget(self) -> float:
@@ -103,6 +163,35 @@ DEFAULT_SLOS: tuple[SLO, ...] = (
     _tier_slo("good", GOOD_BELOW_MS, "page"),
     _tier_slo("excellent", EXCELLENT_BELOW_MS, "ticket"),
 )
+
+
+# The one minimum-traffic guard, shared by the generated alerts and the in-process check: a
+# ratio or a p95 over fewer than 20 turns is the verdict of one slow turn.
+MIN_TURNS = 20
+
+
+def traffic_guard(slo: SLO, window_s: float) -> float:
+    """Turns a window must hold before anything may fire over it: min_turns_per_hour pro rata,
+    and never fewer than MIN_TURNS."""
+    return max(float(MIN_TURNS), slo.min_turns_per_hour * window_s / 3600.0)
+
+
+def slo_warnings(slo: SLO) -> list[str]:
+    """What is valid but cannot work as meant: windows that can never fire."""
+    warnings = []
+    period_s = duration_seconds(slo.period)
+    for window in slo.windows:
+        where = f"SLO {slo.name}, window {window.long}/{window.short}"
+        needed = window.factor * slo.error_budget
+        if needed >= 1.0:
+            warnings.append(
+                f"{where} can never fire: {window.factor:g}x the {slo.error_budget:.4g} error "
+                f"budget means more than {needed:.0%} of turns slow; use a factor below "
+                f"{1.0 / slo.error_budget:.3g} or a higher objective"
+            )
+        if duration_seconds(window.long) > period_s:
+            warnings.append(f"{where}: the long window is longer than the SLO period {slo.period}")
+    return warnings
 
 
 # --- User SLO files -----------------------------------------------------------------------
@@ -131,11 +220,44 @@ _WINDOW_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+_KUBERNETES_FIELDS: dict[str, tuple[type, ...]] = {"namespace": (str,), "labels": (dict,)}
+_FILE_FIELDS: dict[str, tuple[type, ...]] = {
+    "slos": (list,),
+    "runbook_base_url": (str,),
+    "kubernetes": (dict,),
+}
+_DOCS = 'see docs/configuration.md, "SLO files"'
+# Kubernetes label values and namespace names (RFC 1123 labels for namespaces)
+_LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
+_LABEL_KEY = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$"
+)
+_NAMESPACE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_TYPE_NAMES = {"str": "text", "int": "a whole number", "float": "a number", "list": "a list"}
+_TYPE_NAMES["dict"] = "a mapping"
+
+
+@dataclass(frozen=True)
+class SLOFile:
+    """An SLO file: the specs, and options for what `lk-observe generate` writes from them."""
+
+    slos: tuple[SLO, ...] = DEFAULT_SLOS
+    runbook_base_url: str | None = None
+    kubernetes_namespace: str | None = None
+    kubernetes_labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing (an empty value)"
+    return f"{_TYPE_NAMES.get(type(value).__name__, type(value).__name__)} {value!r}"
+
+
 def _check_fields(
     where: str, data: object, fields: Mapping[str, tuple[type, ...]], required: Sequence[str]
 ) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise SLOFileError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise SLOFileError(f"{where}: expected a mapping of {sorted(fields)}, got {_kind(data)}")
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         raise SLOFileError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
@@ -146,59 +268,116 @@ def _check_fields(
         # bool is an int subclass; `objective: true` is a typo, not 1.0.
         if isinstance(value, bool) or not isinstance(value, fields[key]):
             wanted = " or ".join(t.__name__ for t in fields[key])
-            raise SLOFileError(f"{where}: {key} must be {wanted}, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and (int in fields[key] or float in fields[key]):
+                hint = " (a quoted number: remove the quotes)"
+            raise SLOFileError(f"{where}: {key} must be {wanted}, got {value!r}{hint}")
     return dict(data)
+
+
+def _parse_window(where: str, item: object) -> BurnWindow:
+    w = _check_fields(where, item, _WINDOW_FIELDS, tuple(_WINDOW_FIELDS))
+    try:
+        return BurnWindow(w["long"], w["short"], float(w["factor"]), w["severity"])
+    except ValueError as exc:
+        raise SLOFileError(f"{where}: {exc}") from exc
 
 
 def _parse_slo(where: str, data: object) -> SLO:
     raw = _check_fields(where, data, _SLO_FIELDS, _SLO_REQUIRED)
     if "windows" in raw:
-        windows = []
-        for i, item in enumerate(raw["windows"]):
-            w = _check_fields(f"{where}.windows[{i}]", item, _WINDOW_FIELDS, tuple(_WINDOW_FIELDS))
-            if w["severity"] not in SEVERITIES:
-                raise SLOFileError(f"{where}.windows[{i}]: severity must be {_SEVERITY_CHOICES}")
-            windows.append(BurnWindow(w["long"], w["short"], float(w["factor"]), w["severity"]))
+        windows = [
+            _parse_window(f"{where}.windows[{i}]", item) for i, item in enumerate(raw["windows"])
+        ]
         if not windows:
             raise SLOFileError(f"{where}: windows must not be empty (omit it for the defaults)")
         raw["windows"] = tuple(windows)
-    if "threshold_s" in raw:
-        raw["threshold_s"] = float(raw["threshold_s"])
+    for key in ("threshold_s", "objective"):
+        if key in raw:
+            raw[key] = float(raw[key])
     try:
         return SLO(**raw)
     except ValueError as exc:
         raise SLOFileError(f"{where}: {exc}") from exc
 
 
+def _parse_kubernetes(where: str, data: object) -> tuple[str | None, dict[str, str]]:
+    raw = _check_fields(where, data, _KUBERNETES_FIELDS, ())
+    namespace = raw.get("namespace")
+    if namespace is not None and not _NAMESPACE.match(namespace):
+        raise SLOFileError(
+            f"{where}: namespace must be a Kubernetes namespace name (lower-case letters, digits "
+            f"and '-', at most 63), got {namespace!r}"
+        )
+    labels: dict[str, str] = {}
+    for key, value in raw.get("labels", {}).items():
+        if not (isinstance(key, str) and _LABEL_KEY.match(key)):
+            raise SLOFileError(f"{where}.labels: {key!r} is not a Kubernetes label key")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise SLOFileError(f"{where}.labels.{key}: expected text, got {_kind(value)}")
+        text = str(value)
+        if not _LABEL_VALUE.match(text):
+            raise SLOFileError(
+                f"{where}.labels.{key}: {text!r} is not a Kubernetes label value (letters, "
+                "digits, '-', '_', '.', at most 63)"
+            )
+        labels[key] = text
+    return namespace, labels
+
+
+def _parse_runbook_url(where: str, url: str) -> str:
+    if not url.startswith(("https://", "http://")):
+        raise SLOFileError(
+            f"{where}: runbook_base_url must be an http(s) URL such as "
+            f"https://wiki.example.com/runbooks/, got {url!r}"
+        )
+    return url
+
+
+def parse_slo_file(data: object, *, source: str = "<data>") -> SLOFile:
+    """An SLO file's content, parsed from YAML/TOML (the format: docs/configuration.md)."""
+    if data is None or data == {}:
+        raise SLOFileError(
+            f"{source}: the file is empty; it needs at least a `slos:` list, e.g.\n"
+            "slos:\n  - {name: e2e_good, component: e2e, threshold_s: 0.8, objective: 0.95}\n"
+            f"({_DOCS})"
+        )
+    if not isinstance(data, dict):
+        raise SLOFileError(
+            f"{source}: expected a mapping with a `slos:` list at the top, got {_kind(data)} "
+            f"({_DOCS})"
+        )
+    top = _check_fields(source, data, _FILE_FIELDS, ())
+    slos = DEFAULT_SLOS
+    if "slos" in top:
+        items = top["slos"]
+        if not items:
+            raise SLOFileError(f"{source}: slos is empty (omit it for the default SLOs)")
+        slos = tuple(_parse_slo(f"{source}: slos[{i}]", item) for i, item in enumerate(items))
+        names = [s.name for s in slos]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise SLOFileError(f"{source}: duplicate SLO name(s) {duplicates}")
+    namespace: str | None = None
+    labels: dict[str, str] = {}
+    if "kubernetes" in top:
+        namespace, labels = _parse_kubernetes(f"{source}: kubernetes", top["kubernetes"])
+    url = top.get("runbook_base_url")
+    return SLOFile(
+        slos=slos,
+        runbook_base_url=None if url is None else _parse_runbook_url(source, url),
+        kubernetes_namespace=namespace,
+        kubernetes_labels=labels,
+    )
+
+
 def parse_slos(data: object, *, source: str = "<data>") -> tuple[SLO, ...]:
-    """SLO specs from parsed YAML/TOML: a mapping with one key, `slos`, a list of SLO tables."""
-    top = _check_fields(source, data, {"slos": (list,)}, ("slos",))
-    items = top["slos"]
-    if not items:
-        raise SLOFileError(f"{source}: slos is empty")
-    slos = tuple(_parse_slo(f"{source}: slos[{i}]", item) for i, item in enumerate(items))
-    names = [s.name for s in slos]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise SLOFileError(f"{source}: duplicate SLO name(s) {duplicates}")
-    return slos
+    """SLO specs from parsed YAML/TOML: a mapping whose `slos` is a list of SLO tables."""
+    return parse_slo_file(data, source=source).slos
 
 
-def load_slos(path: str | Path) -> tuple[SLO, ...]:
-    """Read SLO specs from a .toml file or a YAML file (.yaml/.yml or anything else).
-
-    ```yaml
-    slos:
-      - name: e2e_good
-        component: e2e
-        threshold_s: 0.8
-        objective: 0.95
-        severity: page           # optional, default page
-        min_turns_per_hour: 30   # optional
-        windows:                 # optional, default: DEFAULT_BURN_WINDOWS
-          - {long: 1h, short: 5m, factor: 14.4, severity: page}
-    ```
-    """
+def read_slo_file(path: str | Path) -> SLOFile:
+    """Read an SLO file: .toml as TOML, anything else (.yaml/.yml) as YAML."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -226,7 +405,26 @@ def load_slos(path: str | Path) -> tuple[SLO, ...]:
             data = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise SLOFileError(f"{path}: invalid YAML: {exc}") from exc
-    return parse_slos(data, source=str(path))
+    return parse_slo_file(data, source=str(path))
+
+
+def load_slos(path: str | Path) -> tuple[SLO, ...]:
+    """Read SLO specs from a .toml file or a YAML file (.yaml/.yml or anything else).
+
+    ```yaml
+    slos:
+      - name: e2e_good
+        component: e2e
+        threshold_s: 0.8
+        objective: 0.95
+        severity: page           # optional, default page
+        min_turns_per_hour: 30   # optional
+        windows:                 # optional, default: DEFAULT_BURN_WINDOWS
+          - {long: 1h, short: 5m, factor: 14.4, severity: page}
+    ```
+    The whole format, with the file's other keys: docs/configuration.md, "SLO files".
+    """
+    return read_slo_file(path).slos
 
 
 # --- In-process evaluation over the monitor's rolling window ---------------------------------
@@ -267,7 +465,7 @@ class SLOStatus:
     burn_rate: float  # 0.0 without turns: nothing is burning
     error_budget_remaining: float | None  # None without turns
     breach_burn_rate: float  # burn rate at which `breaching` turns true
-    min_turns: float  # traffic guard scaled to the window
+    min_turns: float  # traffic_guard(): what the generated alerts demand, for this window
     breaching: bool
 
     def to_dict(self) -> dict[str, object]:
@@ -292,7 +490,7 @@ def evaluate(slo: SLO, monitor: CountingMonitor, *, agent: str | None = None) ->
     good, total = monitor.count_at_or_below(slo.component, slo.threshold_ms, agent=agent)
     bad = total - good
     burn = (bad / total) / slo.error_budget if total else 0.0
-    min_turns = slo.min_turns_per_hour * monitor.window_s / 3600.0
+    min_turns = traffic_guard(slo, monitor.window_s)
     factor = breach_burn_rate(slo)
     return SLOStatus(
         name=slo.name,

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanContext, SpanKind, TracerProvider
+from opentelemetry.trace import Link, Span, SpanContext, SpanKind, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
 from lk_observe.turns import Stage, Turn
 
 TRACER_NAME = "lk_observe"
+MAX_OPEN_TURNS = 1024  # root spans of replies still playing, per tracer
 ROOT_SPAN = "voice.turn"
 
 # Turn.stages key -> child span name: every pipeline stage, and tool time. e2e is the root span.
@@ -58,6 +60,10 @@ def root_attributes(
     for component, over in overruns.items():
         key = _OVERRUN_KEYS.get(component) or f"voice.budget.overrun.{component}_ms"
         attributes[key] = round(over, 3)
+    if turn.active_agent:
+        attributes["gen_ai.agent.name"] = turn.active_agent
+    if turn.played_ms is not None:
+        attributes["voice.reply.played_ms"] = round(turn.played_ms, 3)
     if turn.tool_calls:
         attributes["voice.tool.calls"] = turn.tool_calls
     if turn.llm_rounds:
@@ -83,16 +89,60 @@ def _llm_attributes(turn: Turn, round_number: int) -> dict[str, AttributeValue]:
 
 
 class TurnTracer:
-    """Writes each finished Turn as spans back-dated to when its stages really happened.
+    """Writes each turn as spans back-dated to when its stages really happened.
 
-    Creating spans only hands them to the provider's span processor; lk_observe calls this
-    from its sink thread, so even a synchronous exporter never runs on the agent's loop.
+    The root span starts when the turn goes live (its first audio), so metrics exemplars can
+    point at its trace at once, and ends with the children when the reply ends. Creating spans
+    only hands them to the provider's span processor; lk_observe calls this from its sink
+    thread, so even a synchronous exporter never runs on the agent's loop.
     """
 
     def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
         from lk_observe import __version__
 
         self._tracer = trace.get_tracer(TRACER_NAME, __version__, tracer_provider=tracer_provider)
+        # live turns whose reply has not ended: (session, index) -> root span
+        self._open: OrderedDict[tuple[str, int], Span] = OrderedDict()
+
+    def start(self, turn: Turn, link_to: SpanContext | None = None) -> SpanContext | None:
+        """Open the turn's root span (at its live report); returns its context, None from a
+        no-op provider."""
+        root = self._tracer.start_span(
+            ROOT_SPAN,
+            context=_NEW_TRACE,  # each turn is its own trace
+            kind=SpanKind.INTERNAL,
+            attributes=root_attributes(turn),
+            links=[Link(link_to)] if link_to is not None and link_to.is_valid else None,
+            start_time=_ns(_start(turn)),
+        )
+        self._open[(turn.session_id, turn.index)] = root
+        if len(self._open) > MAX_OPEN_TURNS:  # replies that never end must not pile up
+            _, oldest = self._open.popitem(last=False)
+            oldest.end()
+        span_context = root.get_span_context()
+        return span_context if span_context.is_valid else None
+
+    def finish(
+        self,
+        turn: Turn,
+        link_to: SpanContext | None = None,
+        overruns_ms: Mapping[str, float] | None = None,
+    ) -> SpanContext | None:
+        """Write the complete turn: the children, the final attributes, the root's end."""
+        root = self._open.pop((turn.session_id, turn.index), None)
+        if root is None:
+            self.start(turn, link_to)
+            root = self._open.pop((turn.session_id, turn.index))
+        root.set_attributes(root_attributes(turn, overruns_ms))
+        parent = trace.set_span_in_context(root)
+        # creation order is irrelevant: every child carries its own start and end time
+        for key, stage in turn.stages.items():
+            self._child(turn, key, stage, parent)
+        stages = turn.stages.values()
+        end = max(turn.ended_at, *(s.end for s in stages)) if stages else turn.ended_at
+        root.end(end_time=_ns(end))
+        span_context = root.get_span_context()
+        return span_context if span_context.is_valid else None
 
     def record(
         self,
@@ -100,26 +150,9 @@ class TurnTracer:
         link_to: SpanContext | None = None,
         overruns_ms: Mapping[str, float] | None = None,
     ) -> SpanContext | None:
-        """Emit the turn's spans; returns the root span's context (None from a no-op provider,
-        which has no ids to hand on)."""
-        stages = turn.stages.values()
-        start = min(turn.started_at, *(s.start for s in stages)) if stages else turn.started_at
-        end = max(turn.ended_at, *(s.end for s in stages)) if stages else turn.ended_at
-        root = self._tracer.start_span(
-            ROOT_SPAN,
-            context=_NEW_TRACE,  # each turn is its own trace
-            kind=SpanKind.INTERNAL,
-            attributes=root_attributes(turn, overruns_ms),
-            links=[Link(link_to)] if link_to is not None and link_to.is_valid else None,
-            start_time=_ns(start),
-        )
-        parent = trace.set_span_in_context(root)
-        # creation order is irrelevant: every child carries its own start and end time
-        for key, stage in turn.stages.items():
-            self._child(turn, key, stage, parent)
-        root.end(end_time=_ns(end))
-        span_context = root.get_span_context()
-        return span_context if span_context.is_valid else None
+        """Emit a whole turn's spans at once; returns the root span's context."""
+        self.start(turn, link_to)
+        return self.finish(turn, link_to, overruns_ms)
 
     def _child(self, turn: Turn, key: str, stage: Stage, parent: otel_context.Context) -> None:
         # the span's own start/end carry its latency (also on the root as voice.latency.*):
@@ -137,3 +170,8 @@ class TurnTracer:
             name, context=parent, attributes=attributes, start_time=_ns(stage.start)
         )
         span.end(end_time=_ns(stage.end))
+
+
+def _start(turn: Turn) -> float:
+    stages = turn.stages.values()
+    return min(turn.started_at, *(s.start for s in stages)) if stages else turn.started_at

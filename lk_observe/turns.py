@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
@@ -61,6 +62,12 @@ class Turn:
 
     `latency_ms` holds only the components that were measured: a pipeline without STT has no
     "stt" key (never -1 or 0). `stages` holds the same components as time intervals.
+
+    A turn is reported twice: live when the reply's first audio plays (`complete=False`: its
+    latency, for metrics, the monitor and SLOs) and complete when the reply ends (`complete=True`:
+    the record `on_turn`, spans and logs get). `interrupted` means what it means in LiveKit: the
+    user cut the reply short, before or after its first audio; on the complete record
+    `played_ms` says how much of it had played by then.
     """
 
     index: int
@@ -84,12 +91,16 @@ class Turn:
     budget_overruns_ms: Mapping[str, float] = field(default_factory=dict)  # vs the guide's budget
     trace_id: int | None = None  # set by the tracing sink before the other sinks run
     span_id: int | None = None
+    complete: bool = True  # False: the live report at first audio; the reply goes on
+    played_ms: float | None = None  # audio played before the reply ended (complete turns)
+    active_agent: str | None = None  # the LiveKit Agent (its id) speaking the reply
 
 
 # Bounds that keep the assembler's memory fixed whatever the event stream does.
 MAX_TRACKED_SPEECHES = 64
 MAX_LATENCY_S = 120.0  # a stage longer than this is a broken clock, not a slow agent
 MAX_CLOCK_SKEW_S = 600.0  # an event timestamp further than this from its arrival is broken
+MAX_REPLY_S = 3600.0  # a reply playing longer than this has lost its end
 MAX_COUNT = 10_000  # tool calls or tokens beyond this in one reply: a broken counter
 _EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency")
 
@@ -113,6 +124,9 @@ class _Speech:
 
     speech_id: str
     created_at: float | None = None
+    said: bool = False  # session.say(): speaks given text, never answers a user turn
+    played_s: float | None = None  # audio played, from LiveKit's assistant messages
+    active_agent: str | None = None
     turn: _PendingTurn | None = None
     first_audio_at: float | None = None
     early: dict[str, float] = field(default_factory=dict)
@@ -126,7 +140,9 @@ class _Speech:
     tool_calls: int = 0
     interrupted: bool = False
     done: bool = False
-    emitted: bool = False
+    emitted: bool = False  # reported live
+    completed: bool = False  # reported complete: nothing of it changes any more
+    live: Turn | None = None  # the live report, completed when the reply ends
 
 
 @dataclass(slots=True)
@@ -160,14 +176,25 @@ class TurnAssembler:
         self._seen_items: OrderedDict[str, None] = OrderedDict()
         self._vad: tuple[float, float] | None = None  # (back-dated speech end, decision time)
         self._agent_turns: set[str] = set()  # speeches that answer no user turn (greetings)
-        # replies with a turn not yet emitted (usually 0 or 1): what expire() has to look at
+        # replies with a turn not yet reported live (usually 0 or 1): what expire() looks at
         self._pending: dict[str, _Speech] = {}
+        # replies reported live and still going: completed when their SpeechHandle is done
+        self._open: OrderedDict[str, _Speech] = OrderedDict()
+        self._evicted: list[Turn] = []  # completed early to keep memory bounded; returned next
+        self._unclaimed: _PendingTurn | None = None  # a user turn whose reply is not created yet
         self._closed = False
 
     # -- inputs -------------------------------------------------------------------------------
 
-    def speech_created(self, speech_id: str, at: float) -> list[Turn]:
-        self._speech(speech_id).created_at = at
+    def speech_created(self, speech_id: str, at: float, *, said: bool = False) -> list[Turn]:
+        """A SpeechHandle was created: `said` for `session.say()` (fillers, scripted lines)."""
+        speech = self._speech(speech_id)
+        speech.created_at = at
+        speech.said = said
+        unclaimed = self._unclaimed
+        if unclaimed is not None and self._can_answer(speech):  # committed before its reply
+            self._unclaimed = None
+            self._answer(speech, unclaimed)
         return self.expire(at)
 
     def user_state(self, new_state: str, created_at: float, at: float) -> list[Turn]:
@@ -203,21 +230,32 @@ class TurnAssembler:
                 self._add_stage(stages, component, speech_end, speech_end + delay)
         finished = self._abandon_unanswered(at)
         turn = _PendingTurn(self._take_index(), speech_end, stages, at, spoken)
-        if speech_id:
-            speech = self._speech(speech_id)
-            if speech.turn is None and not speech.emitted:
-                speech.turn = turn
-                self._pending[speech.speech_id] = speech
-            else:
-                self.skipped["speech_already_answered"] += 1
+        # the current speech is the reply, unless it is a say() or already answers a turn (a
+        # filler said from on_user_turn_completed, typed input while the agent speaks): then the
+        # newest reply created and not yet answering one, or the next one created
+        speech = self._speeches.get(speech_id) if speech_id else None
+        if speech is None or not self._can_answer(speech):
+            speech = next(
+                (s for s in reversed(self._speeches.values()) if self._can_answer(s)), None
+            )
+        if speech is not None:
+            self._answer(speech, turn)
         else:
-            self.skipped["user_turn_without_speech"] += 1
+            finished += self._unanswered(at)  # the user spoke again before any reply came
+            self._unclaimed = turn
         return finished + self.expire(at)
 
     def agent_speaking(
-        self, speech_id: str | None, started_at: float, early: Mapping[str, Any] | None, at: float
+        self,
+        speech_id: str | None,
+        started_at: float,
+        early: Mapping[str, Any] | None,
+        at: float,
+        *,
+        active_agent: str | None = None,
     ) -> list[Turn]:
-        """agent_state_changed -> "speaking": the reply's first audio frame reached the output."""
+        """agent_state_changed -> "speaking": the reply's first audio frame reached the output;
+        `active_agent` names the agent speaking it (handoffs and tasks change it)."""
         start = self._timestamp("first_audio_at", started_at, at, optional=False)
         if not speech_id or start is None:
             self.skipped["speaking_without_speech"] += 1
@@ -226,6 +264,7 @@ class TurnAssembler:
         if speech.first_audio_at is not None or speech.emitted:
             return self.expire(at)  # resumed after a pause: the first frame already counted
         speech.first_audio_at = start
+        speech.active_agent = active_agent if isinstance(active_agent, str) else None
         speech.interrupted = False  # it played: a noise before it was no barge-in after all
         for key in _EARLY_KEYS:
             value = self._duration(key, (early or {}).get(key))
@@ -269,7 +308,8 @@ class TurnAssembler:
             self.skipped["llm_metrics_unusable"] += 1  # one event, one count
             return self.expire(at)
         speech = self._speech(speech_id)
-        if speech.emitted:  # a later LLM round (after a tool call) of a reported reply
+        if speech.completed:
+            self.skipped["llm_metrics_after_reply"] += 1
             return self.expire(at)
         start = end - duration
         if self._checked_stage("llm_ttft", start, start + ttft) is not None:
@@ -287,7 +327,7 @@ class TurnAssembler:
     ) -> list[Turn]:
         # LiveKit runs tools outside the current-speech slot: default to the reply in flight
         speech = self._speech(speech_id) if speech_id else self._reply_in_flight()
-        if speech is None:
+        if speech is None or speech.completed:
             self.skipped["tools_without_reply"] += 1
             return self.expire(at)
         start = self._timestamp("tool_started_at", started_at, at, optional=False)
@@ -299,13 +339,35 @@ class TurnAssembler:
         speech.tool_calls += self._count("tool_calls", calls, optional=False) or 0
         return self.expire(at)
 
+    def assistant_message(
+        self, speech_id: str | None, metrics: Mapping[str, Any], at: float
+    ) -> list[Turn]:
+        """The reply's text was committed (role "assistant"), with LiveKit's figures for it:
+        the TTS time to first byte of a say(), which is known only now."""
+        speech = self._speeches.get(speech_id) if speech_id else None
+        if speech is None or speech.completed:
+            return self.expire(at)
+        started = self._timestamp("started_speaking_at", metrics.get("started_speaking_at"), at)
+        stopped = self._timestamp("stopped_speaking_at", metrics.get("stopped_speaking_at"), at)
+        if started is not None and stopped is not None and started <= stopped:
+            # a reply can be several messages (words, a tool call, more words): add them up
+            speech.played_s = (speech.played_s or 0.0) + (stopped - started)
+        ttfb = self._duration("tts_node_ttfb", metrics.get("tts_node_ttfb"))
+        playback = self._duration("playback_latency", metrics.get("playback_latency")) or 0.0
+        if speech.tts_stage is None and ttfb is not None and started is not None:
+            end = started - playback
+            speech.tts_stage = self._checked_stage("tts_ttfb", end - ttfb, end)
+        return self.expire(at)
+
     def speech_done(self, speech_id: str, interrupted: bool, at: float) -> list[Turn]:
         """The SpeechHandle finished: played out, interrupted or cancelled."""
-        if speech_id not in self._speeches:
+        speech = self._speeches.get(speech_id)
+        if speech is None or speech.completed:
             return self.expire(at)
-        speech = self._speeches[speech_id]
         speech.done = True
         speech.interrupted = speech.interrupted or interrupted
+        if speech.emitted:
+            return self._complete(speech, at) + self.expire(at)
         return self._try_finish(speech, at) + self.expire(at)
 
     def user_barge_in(self, at: float) -> None:
@@ -315,36 +377,66 @@ class TurnAssembler:
                 speech.interrupted = True
 
     def expire(self, now: float) -> list[Turn]:
-        """Finish replies that waited too long for a late figure; callers tick this on a timer."""
+        """Report replies that waited too long for a late figure; callers tick this on a timer."""
+        out, self._evicted = self._evicted, []
         if not self._pending:
-            return []
-        out: list[Turn] = []
+            return out
         for speech in list(self._pending.values()):
             assert speech.turn is not None  # pending means a turn waits for this reply
             since = speech.first_audio_at
             if since is not None and now - since >= self.max_wait_s:
-                out += self._finish(speech)
+                out += self._report_live(speech)
             elif since is None and now - speech.turn.committed_at >= MAX_LATENCY_S:
                 self.skipped["reply_never_started"] += 1
-                out += self._finish(speech)
+                out += self._report_live(speech) + self._complete(speech, now)
         return out
 
     def close(self, at: float) -> list[Turn]:
         """Session closed: finish everything pending with what was measured."""
-        out: list[Turn] = []
+        out, self._evicted = self._evicted, []
         for speech in list(self._pending.values()):
-            out += self._finish(speech)
+            out += self._report_live(speech)
+        for speech in list(self._open.values()):
+            out += self._complete(speech, at)
+        out += self._unanswered(at)
         self._closed = True
         return out
 
     @property
     def pending(self) -> int:
+        """Replies waiting to be reported live (the expiry timer's business)."""
         return len(self._pending)
+
+    @property
+    def open(self) -> int:
+        """Replies reported live and still going."""
+        return len(self._open)
 
     # -- internals ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _can_answer(speech: _Speech) -> bool:
+        return not (speech.said or speech.turn is not None or speech.emitted or speech.done)
+
+    def _answer(self, speech: _Speech, turn: _PendingTurn) -> None:
+        speech.turn = turn
+        self._pending[speech.speech_id] = speech
+
+    def _unanswered(self, at: float) -> list[Turn]:
+        """The waiting user turn, reported with no reply: none was ever created for it."""
+        turn, self._unclaimed = self._unclaimed, None
+        if turn is None:
+            return []
+        self.skipped["user_turn_without_reply"] += 1
+        speech = _Speech("", turn=turn)
+        return [
+            dataclasses.replace(t, speech_id=None)
+            for t in self._report_live(speech) + self._complete(speech, at)
+        ]
+
     def _reply_in_flight(self) -> _Speech | None:
-        return next(reversed(self._pending.values()), None)
+        pending = next(reversed(self._pending.values()), None)
+        return pending if pending is not None else next(reversed(self._open.values()), None)
 
     def _take_index(self) -> int:
         index, self._next_index = self._next_index, self._next_index + 1
@@ -364,10 +456,13 @@ class TurnAssembler:
         if speech is None:
             speech = self._speeches[speech_id] = _Speech(speech_id)
             while len(self._speeches) > MAX_TRACKED_SPEECHES:
-                old_id, _ = self._speeches.popitem(last=False)
+                old_id, old = self._speeches.popitem(last=False)
                 self._agent_turns.discard(old_id)
                 if self._pending.pop(old_id, None) is not None:
                     self.skipped["evicted_unfinished_reply"] += 1
+                if old_id in self._open:  # reported live: complete it with what is known
+                    self.skipped["evicted_unfinished_reply"] += 1
+                    self._evicted += self._complete(old, math.nan)  # its end is unknown
         return speech
 
     def _timestamp(
@@ -427,26 +522,75 @@ class TurnAssembler:
             if speech.first_audio_at is None:
                 if speech.speech_id not in self._agent_turns:
                     speech.interrupted = True
-                out += self._finish(speech)
+                out += self._report_live(speech) + self._complete(speech, at)
         return out
 
     def _try_finish(self, speech: _Speech, at: float) -> list[Turn]:
         if speech.emitted or speech.turn is None:
             return []
         if speech.done:
-            return self._finish(speech)
+            return self._report_live(speech) + self._complete(speech, at)
         if speech.first_audio_at is None:
             return []
         # wait for the LLM's own timing (it places the llm span) when the reply had an LLM
         if "llm_node_ttft" in speech.early and not speech.llm_rounds:
             return []
-        return self._finish(speech)
+        return self._report_live(speech)
 
-    def _finish(self, speech: _Speech) -> list[Turn]:
-        pending = speech.turn
-        assert pending is not None
+    def _report_live(self, speech: _Speech) -> list[Turn]:
+        """The turn as its first audio left it: latency for metrics, the monitor and SLOs."""
+        if speech.emitted or speech.turn is None:
+            return []
         speech.emitted = True
         self._pending.pop(speech.speech_id, None)
+        speech.live = self._build(speech)
+        self._open[speech.speech_id] = speech
+        return [speech.live]
+
+    def _complete(self, speech: _Speech, at: float) -> list[Turn]:
+        """The turn's record once its reply ended: interrupted or not, what played, every tool
+        call and LLM round of the reply."""
+        live = speech.live
+        if speech.completed or live is None:
+            return []
+        speech.completed = True
+        self._open.pop(speech.speech_id, None)
+        full = self._build(speech)
+        first_audio, ended, played = speech.first_audio_at, live.ended_at, None
+        if first_audio is not None:
+            end = _finite(at)
+            if (
+                end is None
+                or not first_audio - MAX_CLOCK_SKEW_S <= end <= first_audio + MAX_REPLY_S
+            ):
+                self.skipped["reply_end_unusable"] += 1
+            else:
+                ended = max(end, first_audio)  # the done callback cannot precede the audio
+                played = (ended - first_audio) * 1000.0
+            if speech.played_s is not None:  # LiveKit's own playout times: the audio itself
+                played = min(speech.played_s * 1000.0, played if played is not None else math.inf)
+        # an emitted reply is kept (64 at most) only to recognise its late events: drop what
+        # the turn needed, so long-lived objects don't pile up for the garbage collector
+        speech.turn = speech.tts_stage = speech.tool = speech.live = None
+        speech.llm_rounds.clear()
+        speech.early.clear()
+        self._agent_turns.discard(speech.speech_id)
+        return [
+            dataclasses.replace(
+                full,
+                # what went live stays; figures that came later (a late LLM timing) are added
+                latency_ms={**full.latency_ms, **live.latency_ms},
+                tier=live.tier,
+                interrupted=speech.interrupted,
+                ended_at=ended,
+                played_ms=played,
+                complete=True,
+            )
+        ]
+
+    def _build(self, speech: _Speech) -> Turn:
+        pending = speech.turn
+        assert pending is not None
         is_agent_turn = speech.speech_id in self._agent_turns
         stages = dict(pending.stages)
         if speech.first_audio_at is not None and not is_agent_turn and pending.spoken:
@@ -475,32 +619,26 @@ class TurnAssembler:
         tool = speech.tool
         if tool is not None:
             extra_rounds["tool"] = tool
-        self._agent_turns.discard(speech.speech_id)
-        # an emitted reply is kept (64 at most) only to recognise its late events: drop what
-        # the turn needed, so long-lived objects don't pile up for the garbage collector
-        speech.turn = speech.tts_stage = speech.tool = None
-        rounds = len(speech.llm_rounds)
-        speech.llm_rounds.clear()
-        speech.early.clear()
-        return [
-            Turn(
-                index=pending.index,
-                speech_id=speech.speech_id,
-                started_at=min(started, ended),
-                ended_at=ended,
-                latency_ms=latency,
-                interrupted=speech.interrupted,
-                tier=tier_for(e2e),
-                kind="agent" if is_agent_turn else "user",
-                session_id=self.session_id,
-                agent=self.agent,
-                stages={**stages, **extra_rounds},
-                tool_calls=speech.tool_calls,
-                tool_ms=None if tool is None else tool.duration_ms,
-                llm_rounds=rounds,
-                llm_model=speech.llm_model,
-                llm_provider=speech.llm_provider,
-                input_tokens=speech.input_tokens or None,
-                output_tokens=speech.output_tokens or None,
-            )
-        ]
+        return Turn(
+            index=pending.index,
+            speech_id=speech.speech_id,
+            started_at=min(started, ended),
+            ended_at=ended,
+            latency_ms=latency,
+            # live: cut before any audio; the complete record says whether it was cut at all
+            interrupted=speech.interrupted and speech.first_audio_at is None,
+            tier=tier_for(e2e),
+            kind="agent" if is_agent_turn else "user",
+            session_id=self.session_id,
+            agent=self.agent,
+            stages={**stages, **extra_rounds},
+            tool_calls=speech.tool_calls,
+            tool_ms=None if tool is None else tool.duration_ms,
+            llm_rounds=len(speech.llm_rounds),
+            llm_model=speech.llm_model,
+            llm_provider=speech.llm_provider,
+            input_tokens=speech.input_tokens or None,
+            output_tokens=speech.output_tokens or None,
+            complete=False,
+            active_agent=speech.active_agent,
+        )

@@ -121,6 +121,20 @@ def query(base_url: str, expr: str, *, at: float | None = None) -> list[dict[str
     return result
 
 
+def query_exemplars(base_url: str, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+    """/api/v1/query_exemplars over [start, end] (needs `prometheus(..., exemplars=True)`):
+    [{"seriesLabels": {...}, "exemplars": [{"labels": {...}, "value": "0.3", "timestamp": t}]}]."""
+    body = urllib.parse.urlencode({"query": expr, "start": repr(start), "end": repr(end)})
+    try:
+        reply = http_json(f"{base_url}/api/v1/query_exemplars", data=body.encode())
+    except urllib.error.HTTPError as exc:
+        reply = json.loads(exc.read() or b"{}")
+    if reply.get("status") != "success":
+        raise RuntimeError(f"exemplar query failed: {expr!r}: {reply.get('error', reply)}")
+    result: list[dict[str, Any]] = reply["data"]
+    return result
+
+
 @dataclass
 class Server:
     """A running Prometheus or Alertmanager; `url` is http://127.0.0.1:<port>."""
@@ -140,6 +154,9 @@ class Server:
 
     def query(self, expr: str, *, at: float | None = None) -> list[dict[str, Any]]:
         return query(self.url, expr, at=at)
+
+    def query_exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+        return query_exemplars(self.url, expr, start, end)
 
     def wait_for(self, expr: str, *, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Poll `expr` until it returns a non-empty result; raise TimeoutError with the log."""
@@ -239,6 +256,7 @@ def prometheus(
     alertmanager_url: str | None = None,
     resend_delay: str = "1s",
     extra_args: Sequence[str] = (),
+    exemplars: bool = False,
     timeout: float = 30.0,
 ) -> Iterator[Server]:
     """A Prometheus with `config` (dict or YAML path) and `rule_files`, ready to query.
@@ -246,7 +264,8 @@ def prometheus(
     Missing `global` keys get test speeds (1s scrape and evaluation). `rule_files` replace any in
     the config (absolute paths). With `alertmanager_url`, alerts go there, resent every
     `resend_delay` (the 1m default would drop the first minute of alerts: rules evaluate before
-    Prometheus has found the Alertmanager). Storage is a fresh temp dir, removed on exit.
+    Prometheus has found the Alertmanager). `exemplars` turns on exemplar storage (a feature
+    flag) for `query_exemplars`. Storage is a fresh temp dir, removed on exit.
     """
     cfg = _load(config)
     cfg["global"] = {**TEST_GLOBAL, **dict(cfg.get("global") or {})}
@@ -268,6 +287,7 @@ def prometheus(
                 f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address={HOST}:{port}",
                 f"--rules.alert.resend-delay={resend_delay}",
+                *(["--enable-feature=exemplar-storage"] if exemplars else []),
                 *extra_args,
             ]
 

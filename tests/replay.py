@@ -92,3 +92,9 @@ def emit_recorded(session: Any, event: RecordedEvent) -> None:
         if early is not None:
             session._early_assistant_metrics = early
     session.emit(name, ev)
+
+
+def speech_of(events: list[RecordedEvent]) -> Any:
+    """The SpeechHandle of a recorded turn: mark it done (`_mark_done()`) when it played out."""
+    created = next(ev for name, ev, _, _ in events if name == "speech_created")
+    return created.speech_handle

@@ -6,6 +6,7 @@ const WATERFALL_TURNS = 12;
 // lk_observe's components and the guide's budget, written into the page by the ops app
 const CONFIG = JSON.parse(document.getElementById("page-config").textContent);
 const COMPONENT_ORDER = CONFIG.components;
+const STAGE_ORDER = CONFIG.stages; // every bar the waterfall draws: components and tool time
 const BUDGET_MS = CONFIG.budget_ms; // upper end per component (e2e: the total); null: none
 
 function el(tag, className, text) {
@@ -29,6 +30,18 @@ function byComponentOrder(a, b) {
   return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
 }
 
+// A later LLM round (after a tool call) is drawn as the LLM; anything unknown in grey.
+function stageOf(name) {
+  return name.startsWith("llm_round_") ? "llm_ttft" : name;
+}
+
+function byStageOrder(a, b) {
+  const ia = STAGE_ORDER.indexOf(stageOf(a));
+  const ib = STAGE_ORDER.indexOf(stageOf(b));
+  return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
+}
+
+// Relative: the page works wherever the app is mounted (create_app() under a prefix).
 async function getJSON(path) {
   const response = await fetch(path, { cache: "no-store", headers: { Accept: "application/json" } });
   if (!response.ok) throw new Error(path + " " + response.status);
@@ -80,16 +93,31 @@ function renderTiers(turns) {
   for (const tier of Object.keys(counts)) {
     document.getElementById("tier-" + tier).textContent = String(counts[tier]);
   }
+  renderBargeIn(turns);
+}
+
+// Replies the caller cut short, before or after their first audio, among the recent replies.
+function renderBargeIn(turns) {
+  const replies = turns.filter((turn) => turn.kind === "user");
+  const cut = replies.filter((turn) => turn.interrupted).length;
+  const node = document.getElementById("barge-in");
+  node.dataset.cut = String(cut);
+  node.dataset.replies = String(replies.length);
+  node.textContent = replies.length === 0
+    ? "barge-in rate: no replies yet"
+    : "barge-in rate " + pct(cut / replies.length, 0) + " (" + cut + " of " + replies.length
+      + " recent replies cut short)";
 }
 
 function renderLegend() {
   const legend = document.getElementById("legend");
   if (legend.childElementCount) return;
-  for (const component of COMPONENT_ORDER) {
+  for (const stage of STAGE_ORDER) {
     const item = el("span");
+    item.dataset.stage = stage;
     const swatch = el("span", "swatch");
-    swatch.style.background = "var(--" + component + ")";
-    item.append(swatch, component);
+    swatch.style.background = "var(--" + stage + ")";
+    item.append(swatch, stage);
     legend.append(item);
   }
 }
@@ -110,28 +138,35 @@ function renderWaterfall(turns) {
     rows.append(el("p", "empty", "no turns yet"));
     return;
   }
-  const laid = recent.map((turn) => ({ turn, bars: bars(turn).sort((a, b) => byComponentOrder(a.name, b.name)) }));
+  const laid = recent.map((turn) => ({ turn, bars: bars(turn).sort((a, b) => byStageOrder(a.name, b.name)) }));
   const span = Math.max(1, ...laid.flatMap(({ bars }) => bars.map((b) => b.end)));
   for (const { turn, bars: turnBars } of laid) {
     const row = el("div", "wf-row");
     row.dataset.index = String(turn.index);
     const e2e = turn.latency_ms.e2e;
-    const label = "#" + turn.index + " " + (turn.tier || turn.kind) + " " +
-      (e2e === undefined ? "" : ms(e2e) + " ms") + (turn.interrupted ? " ⨯" : "");
+    const what = turn.interrupted ? "interrupted" : turn.kind === "agent" ? "greeting" : turn.tier || turn.kind;
+    const label = "#" + turn.index + " " + what + (e2e === undefined ? "" : " " + ms(e2e) + " ms");
     row.append(el("div", "wf-label", label));
     const track = el("div", "wf-track");
     turnBars.forEach((bar, i) => {
-      const node = el("div", "wf-bar " + bar.name);
+      const node = el("div", "wf-bar " + stageOf(bar.name));
+      node.dataset.stage = bar.name;
       node.style.left = (100 * Math.max(0, bar.start) / span) + "%";
       node.style.width = (100 * Math.max(0, bar.end - bar.start) / span) + "%";
       node.style.top = (1 + (i % 5) * 4) + "px";
-      node.style.background = "var(--" + bar.name + ", var(--muted))";
+      node.style.background = "var(--" + stageOf(bar.name) + ", var(--muted))";
       node.title = bar.name + " " + ms(bar.end - bar.start) + " ms";
       track.append(node);
     });
     row.append(track);
     rows.append(row);
   }
+}
+
+// Past zero the budget is spent: "-1614%" left says nothing the burn rate does not say better.
+function budgetLeft(remaining) {
+  if (typeof remaining !== "number" || !isFinite(remaining)) return "budget left –";
+  return remaining <= 0 ? "budget exhausted" : "budget left " + pct(remaining, 1);
 }
 
 function renderSlos(statuses) {
@@ -158,7 +193,7 @@ function renderSlos(statuses) {
       s.component + " ≤ " + ms(s.threshold_ms) + " ms for " + pct(s.objective, 1) + " of turns · " +
       "compliance " + pct(s.compliance, 2) + " (" + s.good_turns + "/" + s.turns + ") · " +
       "burn " + (typeof s.burn_rate === "number" ? s.burn_rate.toFixed(2) + "×" : "–") + " · " +
-      "budget left " + pct(s.error_budget_remaining, 1)));
+      budgetLeft(s.error_budget_remaining)));
     const budget = el("div", "budget");
     const left = typeof s.error_budget_remaining === "number" ? s.error_budget_remaining : 1;
     const fill = el("div", "budget-fill" + (left <= 0 ? " out" : left < 0.25 ? " low" : ""));
@@ -179,7 +214,7 @@ async function refresh() {
   const updated = document.getElementById("updated");
   try {
     const [stats, turns, slos, ready] = await Promise.all([
-      getJSON("/metrics/latency"), getJSON("/turns/recent"), getJSON("/slo"), getJSON("/ready?report=1"),
+      getJSON("metrics/latency"), getJSON("turns/recent"), getJSON("slo"), getJSON("ready?report=1"),
     ]);
     renderLatency(stats);
     renderTiers(turns);

@@ -348,7 +348,7 @@ def test_promtool_accepts_generated_rules_and_configs(tmp_path: Path) -> None:
     write_tree(tmp_path, render_alerting_files())
     checked = promstack.promtool("check", "rules", str(tmp_path / RULES_FILE))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 43 rules found" in checked.stdout
+    assert "SUCCESS: 49 rules found" in checked.stdout  # 24 per SLO (3 for its period), 1 more
     config = promstack.promtool("check", "config", str(tmp_path / "prometheus.example.yml"))
     assert config.returncode == 0, config.stdout + config.stderr
     amtool = promstack.binaries() / "amtool"

@@ -5,8 +5,8 @@ The data: three days of history written with lk_observe's own metric families (a
 exported as OpenMetrics and backfilled with `promtool tsdb create-blocks-from openmetrics` into
 the TSDB that Prometheus then starts on, so the 1d, 3d and 30d windows read real samples; plus
 live traffic from the same families served on 127.0.0.1 and scraped every second, so the 5m and
-$__rate_interval windows do too. The generated alert rules are loaded and the traffic breaches the
-SLOs, so ALERTS has series.
+$__rate_interval windows do too. The generated rules are loaded (the SLO dashboard reads their
+recordings) and the traffic breaches the SLOs, so ALERTS has series.
 """
 
 from __future__ import annotations
@@ -204,6 +204,10 @@ def prom() -> Iterator[tuple[BackfilledPrometheus, bool]]:
                 server.wait_for('sum(rate(voice_agent_latency_seconds_count{job="agent"}[1m])) > 0')
                 if rules is not None:
                     server.wait_for('ALERTS{alertname=~"VoiceAgent.*"}')
+                    # the SLO dashboard reads the recordings: every SLO's group has evaluated
+                    series = len(AGENTS) * len(DEFAULT_SLOS)
+                    for record in ("slo:sli_turns:rate5m", "slo:sli_error:ratio_rate30d"):
+                        server.wait_for(f"count({record}) == {series}")
                 yield server, rules is not None
     finally:
         stop.set()

@@ -221,6 +221,45 @@ def test_prewarm_loads_the_vad_into_the_process(
     assert proc.userdata["tracer_provider"] is None  # no collector configured, no provider
 
 
+@pytest.mark.parametrize("setting", ["AGENT_VAD_PRESET", "AGENT_SPEED"])
+def test_an_empty_setting_as_env_example_ships_it_means_the_default(
+    agent: ModuleType, keys: None, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    monkeypatch.setenv(setting, "")  # `AGENT_VAD_PRESET=` in .env.example
+    proc = SimpleNamespace(userdata={})
+    agent.prewarm(proc)  # raised KeyError('') before
+    profile = speed_profile(lk_observe.DEFAULT_SPEED_PROFILE)
+    assert agent.selected_profile() == profile
+    assert agent.selected_preset() == VAD_PRESETS[profile.vad_preset]
+
+
+def test_the_example_deployment_and_env_file_agree_with_configure_tracing(
+    agent: ModuleType, deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One protocol everywhere: the agent's provider is configure_tracing()'s, and the
+    Deployment and .env.example name the port that protocol's collector listens on."""
+    env_file = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    pod = env_of(container)
+    ports = {"http/protobuf": "4318", "grpc": "4317"}
+    for env in (env_file, pod):
+        protocol = env["OTEL_EXPORTER_OTLP_PROTOCOL"]
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":" + ports[protocol])
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            monkeypatch.setenv(name, env[name])
+        provider = agent.make_tracer_provider()
+        try:
+            (entry,) = lk_observe.export_health(provider)["providers"]
+            assert entry["protocol"] == protocol  # configure_tracing's, bounded and counted
+        finally:
+            lk_observe.shutdown_tracing(provider, 1.0)
+    assert pod["OTEL_EXPORTER_OTLP_PROTOCOL"] == env_file["OTEL_EXPORTER_OTLP_PROTOCOL"]
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_traces_go_to_otlp_when_a_collector_is_named(
     agent: ModuleType, monkeypatch: pytest.MonkeyPatch, protocol: str
@@ -540,7 +579,9 @@ def test_env_example_lists_every_variable_the_agent_needs() -> None:
         "LK_OBSERVE_PORT",
         "LK_OBSERVE_HOST",
     }
-    read_by_agent = set(re.findall(r'os\.environ\.get\(\s*"([A-Z_]+)"', AGENT_PATH.read_text()))
+    read_by_agent = set(
+        re.findall(r'(?:os\.environ\.get|_setting)\(\s*"([A-Z_]+)"', AGENT_PATH.read_text())
+    )
     read_by_agent -= {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"}  # an alternative, not required
     assert needed | read_by_agent <= set(entries)
     for name, value in entries.items():

@@ -456,3 +456,39 @@ def test_with_fields_is_dataclasses_replace_for_every_field() -> None:
         with_fields(turn, trace=1)
     with pytest.raises(dataclasses.FrozenInstanceError):
         with_fields(turn).index = 5  # type: ignore[misc]
+
+
+def test_a_turn_handed_to_a_loop_that_closed_first_still_reaches_on_turn() -> None:
+    """A job's loop can stop and close between the hand-back and its run: the turn is then
+    delivered from the sink thread, never lost."""
+    got: list[lk_observe.Turn] = []
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        session: AgentSession[None] = AgentSession()
+        handle = lk_observe.instrument(
+            session,
+            registry=CollectorRegistry(),
+            monitor=lk_observe.LatencyMonitor(),
+            on_turn=got.append,
+        )
+        handle.sinks.loop = loop  # the agent's loop, not running now: the hand-back waits
+        turn = lk_observe.Turn(
+            index=1,
+            speech_id="s",
+            started_at=1.0,
+            ended_at=2.0,
+            latency_ms={},
+            interrupted=False,
+            tier=None,
+        )
+        handle.sinks.submit([turn], lambda _speech_id: None)
+        assert lk_observe.flush(10.0)
+        assert got == []  # queued on the loop, which never runs it
+        loop.close()
+        assert handle.close_and_flush(5.0)
+        assert [t.index for t in got] == [1]
+    finally:
+        asyncio.set_event_loop(None)
+        if not loop.is_closed():
+            loop.close()

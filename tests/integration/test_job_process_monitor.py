@@ -9,6 +9,7 @@ read through the ops app over real HTTP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -285,7 +286,8 @@ def test_instrument_adds_the_snapshot_sink_only_in_multiprocess_mode(
         assert "snapshot" in handle.sinks.names
         # another monitor in the same process cannot share the one file
         assert snapshot_sinks(LatencyMonitor()) == []
-        handle.sinks.submit([make_turn(640.0)], lambda _speech_id: None)
+        live = dataclasses.replace(make_turn(640.0), complete=False)  # its latency goes live
+        handle.sinks.submit([live], lambda _speech_id: None)
         assert flush(5.0)
         deadline = time.monotonic() + 5.0
         while not Path(writer.path).exists():

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -237,6 +238,8 @@ READ_PAGE = """(() => {
       name: c.dataset.slo, facts: c.querySelector('.slo-facts').textContent,
     })),
     ready: text('#ready'),
+    bargeIn: {...document.querySelector('#barge-in').dataset},
+    bargeInText: text('#barge-in'),
   };
 })()"""
 
@@ -279,6 +282,11 @@ async def test_live_page_shows_the_apps_numbers_without_console_errors(
         good = sum(1 for ms in E2E_MS if ms <= 800)
         assert f"({good}/{len(E2E_MS)})" in shown["slos"][0]["facts"]
         assert shown["ready"] == "ready"
+        # the barge-in rate: replies the caller cut short among the recent ones
+        cut = sum(1 for t in recent.turns() if t.kind == "user" and t.interrupted)
+        assert cut == 1
+        assert shown["bargeIn"] == {"cut": str(cut), "replies": str(len(E2E_MS))}
+        assert f"{cut} of {len(E2E_MS)} recent replies cut short" in shown["bargeInText"]
 
         # live: a new turn shows up within a couple of polls, no reload
         turn = make_turn(len(E2E_MS), 1900.0)
@@ -314,5 +322,104 @@ async def test_live_page_reports_not_ready_checks(tmp_path: Path) -> None:
                 == "no turns yet"
             )
             assert page.problems() == []  # the page asks /ready?report=1: no 503 in its console
+    finally:
+        assert server.stop()
+
+
+async def test_live_page_works_mounted_under_a_prefix(tmp_path: Path) -> None:
+    """create_app() mounted in the user's own app (the documented use): the page must load its
+    script and data from under the prefix, not from the host's root."""
+    from fastapi import FastAPI
+
+    from lk_observe.server import create_app
+
+    monitor, recent = LatencyMonitor(window_s=300), RecentTurns(maxlen=50)
+    for index, e2e in enumerate(E2E_MS):
+        turn = make_turn(index, e2e)
+        monitor.record_turn(turn)
+        recent.add(turn)
+    host = FastAPI()
+
+    @host.get("/metrics/latency")
+    async def not_ours() -> dict[str, str]:  # the host's own routes must not be what it reads
+        return {"wrong": "app"}
+
+    host.mount("/ops", create_app(monitor=monitor, registry=CollectorRegistry(), recent=recent))
+    server = Server(host, "127.0.0.1", 0)
+    server.start()
+    try:
+        async with chromium(tmp_path) as page:
+            await page.send("Page.navigate", url=f"{server.url}/ops")  # redirected to /ops/
+            await page.wait_until("document.body && document.body.dataset.loaded === 'true'")
+            shown = await page.evaluate(READ_PAGE)
+            assert set(shown["rows"]) == set(monitor.get_all_stats())
+            assert shown["waterfallRows"] == 10
+            assert await page.evaluate("location.pathname") == "/ops/"
+            assert page.problems() == []
+    finally:
+        assert server.stop()
+
+
+READ_WATERFALL = """(() => ({
+  legend: [...document.querySelectorAll('#legend [data-stage]')].map((n) => n.dataset.stage),
+  colours: Object.fromEntries([...document.querySelectorAll('#waterfall-rows .wf-bar')]
+    .map((n) => [n.dataset.stage, getComputedStyle(n).backgroundColor])),
+  labels: [...document.querySelectorAll('#waterfall-rows .wf-label')].map((n) => n.textContent),
+  facts: [...document.querySelectorAll('.slo-facts')].map((n) => n.textContent),
+}))()"""
+
+
+async def test_tool_time_has_its_own_colour_and_legend_and_interrupted_turns_say_so(
+    tmp_path: Path,
+) -> None:
+    monitor, recent = LatencyMonitor(window_s=300), RecentTurns(maxlen=50)
+    t0 = 1_700_000_000.0
+    tool_turn = Turn(
+        index=3,
+        speech_id="speech_tool",
+        started_at=t0,
+        ended_at=t0 + 3,
+        latency_ms={"e2e": 2400.0, "vad": 180.0, "stt": 170.0, "llm_ttft": 200.0},
+        interrupted=False,
+        tier=tier_for(2400.0),
+        agent="support",
+        stages={
+            "vad": Stage(t0, t0 + 0.18),
+            "stt": Stage(t0, t0 + 0.17),
+            "llm_ttft": Stage(t0 + 0.17, t0 + 0.37),
+            "tool": Stage(t0 + 0.4, t0 + 1.9),
+            "e2e": Stage(t0, t0 + 2.4),
+        },
+        tool_calls=1,
+    )
+    cut = Turn(
+        index=8,
+        speech_id="speech_cut",
+        started_at=t0 + 10,
+        ended_at=t0 + 12,
+        latency_ms={"vad": 180.0, "stt": 170.0},
+        interrupted=True,
+        tier=None,
+        agent="support",
+        stages={"vad": Stage(t0 + 10, t0 + 10.18), "stt": Stage(t0 + 10, t0 + 10.17)},
+    )
+    for turn in (*(make_turn(20 + i, 1900.0) for i in range(20)), tool_turn, cut):
+        monitor.record_turn(turn)
+        recent.add(turn)
+    server = serve(port=0, monitor=monitor, registry=CollectorRegistry(), recent=recent)
+    try:
+        async with chromium(tmp_path) as page:
+            await page.send("Page.navigate", url=f"{server.url}/")
+            await page.wait_until("document.body && document.body.dataset.loaded === 'true'")
+            shown = await page.evaluate(READ_WATERFALL)
+            assert "tool" in shown["legend"]
+            colours = shown["colours"]
+            assert colours["tool"] not in (colours["vad"], colours["stt"], colours["llm_ttft"])
+            assert "#8 interrupted" in shown["labels"]
+            assert not any(mark in label for label in shown["labels"] for mark in "\u00d7\u2a2f")
+            # 21 of 22 turns slow: the budget is spent many times over, and the page says so
+            assert shown["facts"] and all("budget exhausted" in f for f in shown["facts"])
+            assert not any(re.search(r"-\d+(\.\d+)?%", f) for f in shown["facts"])
+            assert page.problems() == []
     finally:
         assert server.stop()

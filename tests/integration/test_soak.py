@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 import lk_observe
 from tests.benchmods import BENCH, load_benchmark
-from tests.replay import emit_recorded, recorded_turn
+from tests.replay import emit_recorded, recorded_turn, speech_of
 
 TURNS = 12_000
 SESSIONS = 50
@@ -126,9 +126,12 @@ def test_closed_sessions_leave_no_hook_task_timer_or_reference(soak: Any) -> Non
         assert r.closed_collected >= r.calls - 4  # one per mark at most
 
 
-def _feed_one_turn(session: AgentSession[Any]) -> None:
-    for event in recorded_turn(0.4):
+async def _feed_one_turn(session: AgentSession[Any]) -> None:
+    events = recorded_turn(0.4)
+    for event in events:
         emit_recorded(session, event)
+    speech_of(events)._mark_done()  # the reply played out
+    await asyncio.sleep(0)  # its done callback runs
     session._activity = None  # type: ignore[assignment]
     session._recorded_events.clear()
 
@@ -138,7 +141,7 @@ async def test_sink_thread_does_not_pin_the_last_closed_session() -> None:
     handle = lk_observe.instrument(
         session, registry=CollectorRegistry(), monitor=lk_observe.LatencyMonitor()
     )
-    _feed_one_turn(session)
+    await _feed_one_turn(session)
     assert await asyncio.to_thread(lk_observe.flush, 10.0)
     assert handle.turns_emitted == 1
     handle.uninstrument()

@@ -193,8 +193,10 @@ def test_spans_form_one_trace_per_turn_with_children_at_real_times(run: Run) -> 
             assert child.start_time is not None and child.end_time is not None
             assert root.start_time <= child.start_time <= child.end_time <= root.end_time
         if turn.kind == "user" and not turn.interrupted:
+            # the trace spans the turn: the user's speech end to the reply's end
             assert root.start_time == int(turn.stages["e2e"].start * 1e9)
-            assert root.end_time == int(turn.stages["e2e"].end * 1e9)
+            assert root.end_time == int(turn.ended_at * 1e9)
+            assert turn.ended_at > turn.stages["e2e"].end and turn.played_ms is not None
 
 
 def test_llm_span_carries_gen_ai_attributes(run: Run) -> None:

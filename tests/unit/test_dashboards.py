@@ -188,8 +188,39 @@ def test_slo_panels_follow_each_slos_threshold_windows_and_period() -> None:
         windows=(BurnWindow("2h", "10m", 10.0, "page"),),
     )
     board = json.loads(render_dashboards((slo,))["voice-agent-slo.json"])
-    exprs = [t["expr"] for _, t in _targets(board) if "voice_agent_latency" in t["expr"]]
-    assert exprs and all('component="stt"' in e and 'le="0.3"' in e for e in exprs)
-    ranges = {r for e in exprs for r in RANGE_SELECTOR.findall(e)}
-    assert ranges == {"$__range", "7d", "2h", "10m"}
-    assert any(e.endswith("/ 0.01") for e in exprs)  # burn rate divides by the error budget
+    everything = [t["expr"] for _, t in _targets(board)]
+    raw = [e for e in everything if "voice_agent_latency" in e]
+    assert raw and all('component="stt"' in e and 'le="0.3"' in e for e in raw)
+    # only the dashboard-range compliance reads raw buckets: period and windows are recorded
+    assert {r for e in raw for r in RANGE_SELECTOR.findall(e)} == {"$__range"}
+    pattern = r'slo:sli_error:ratio_rate(\w+)\{slo="stt_fast"'
+    recorded = {w for e in everything for w in re.findall(pattern, e)}
+    assert recorded == {"7d", "2h", "10m"}
+    assert any(e.endswith("/ 0.01") for e in everything)  # burn rate divides by the budget
+
+
+def test_the_slo_dashboard_reads_period_and_windows_from_the_recording_rules() -> None:
+    """30-day and 3-day ratios from raw histograms on every refresh are what the rules avoid."""
+    from lk_observe.rules import recording_rules
+
+    board = json.loads(render_dashboards(DEFAULT_SLOS)["voice-agent-slo.json"])
+    exprs = [t["expr"] for _, t in _targets(board)]
+    long_raw = [
+        e
+        for e in exprs
+        if "voice_agent_latency" in e and set(RANGE_SELECTOR.findall(e)) - {"$__range"}
+    ]
+    assert long_raw == []
+    records = {r["record"] for slo in DEFAULT_SLOS for r in recording_rules(slo)}
+    used = {name for e in exprs for name in re.findall(r"slo:[a-z_:]+[0-9a-z]+", e)}
+    assert used and used <= records  # every series the dashboard reads is recorded
+    assert {"slo:sli_error:ratio_rate30d", "slo:sli_error:ratio_rate3d"} <= used
+
+
+def test_the_overview_shows_the_barge_in_rate_per_agent() -> None:
+    board = json.loads(render_dashboards(DEFAULT_SLOS)["voice-agent-overview.json"])
+    [panel] = [p for p in _panels(board) if p["title"] == "Barge-in rate"]
+    [target] = panel["targets"]
+    assert "voice_agent_interruptions_total" in target["expr"]
+    assert "voice_agent_turns_total" in target["expr"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"

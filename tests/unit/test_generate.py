@@ -68,4 +68,8 @@ def test_a_threshold_that_is_not_a_bucket_edge_is_a_clear_error(
 def test_generate_into_a_copy_of_the_repo_is_a_no_op(tmp_path: Path) -> None:
     for folder in ("dashboards", "alerting", "examples"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)  # what makes it lk_observe's own repository
     assert main(["generate", "--check", "--out", str(tmp_path)]) == 0
+    # the repository's deploy example is kept in step with the generated objects
+    (tmp_path / "examples" / "deploy" / "k8s" / "podmonitor.yaml").write_text("stale\n")
+    assert main(["generate", "--check", "--out", str(tmp_path)]) == 1

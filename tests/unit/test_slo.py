@@ -54,7 +54,7 @@ def test_evaluation_numbers_on_known_data() -> None:
     assert status.burn_rate == pytest.approx(2.0)  # 10% errors over a 5% budget
     assert status.error_budget_remaining == pytest.approx(-1.0)  # the window overspends
     assert status.breach_burn_rate == 14.4
-    assert status.min_turns == pytest.approx(2.5)  # 30 turns/h scaled to 300 s
+    assert status.min_turns == 20  # 30 turns/h over 300 s is 2.5: the 20-turn floor wins
     assert status.breaching is False
 
 
@@ -74,20 +74,36 @@ def test_no_turns_reports_no_compliance_and_no_budget() -> None:
 
 
 def test_fast_burn_with_enough_traffic_is_a_breach() -> None:
-    status = evaluate(E2E_GOOD, _monitor_with([500.0] * 2 + [2000.0] * 8))
+    status = evaluate(E2E_GOOD, _monitor_with([500.0] * 4 + [2000.0] * 16))
     assert status.burn_rate == pytest.approx(16.0)
     assert status.breaching is True
 
 
 def test_too_little_traffic_never_breaches() -> None:
-    status = evaluate(E2E_GOOD, _monitor_with([2000.0, 2000.0]))  # 2 turns < 2.5 needed
+    status = evaluate(E2E_GOOD, _monitor_with([2000.0, 2000.0]))
     assert status.burn_rate == pytest.approx(20.0)
     assert status.breaching is False
 
 
+@pytest.mark.parametrize("turns", [3, 10, 19])
+def test_the_in_process_check_waits_for_the_traffic_the_generated_alerts_wait_for(
+    turns: int,
+) -> None:
+    """Issue 15: the check warned "breaching" after 3 slow turns; the rules wait for 20+."""
+    from lk_observe.rules import P95_ALERT, alert_rules
+
+    status = evaluate(E2E_GOOD, _monitor_with([2000.0] * turns))
+    assert status.burn_rate == pytest.approx(20.0)
+    assert status.breaching is False
+    assert status.min_turns == 20
+    (p95,) = [a for a in alert_rules(E2E_GOOD) if a["alert"] == P95_ALERT]
+    assert p95["expr"].endswith(f">= {status.min_turns:g}")  # one guard, the same number
+    assert evaluate(E2E_GOOD, _monitor_with([2000.0] * 20)).breaching is True
+
+
 def test_evaluation_can_be_scoped_to_one_agent() -> None:
     monitor = LatencyMonitor(clock=FakeClock())
-    for _ in range(5):
+    for _ in range(20):
         monitor.record("e2e", 2000.0, agent="slow")
         monitor.record("e2e", 100.0, agent="fast")
     assert evaluate(E2E_GOOD, monitor, agent="slow").breaching is True
@@ -124,7 +140,7 @@ def test_on_breach_fires_once_per_breach_and_rearms_after_recovery(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
-    monitor = _monitor_with([2000.0] * 10, clock)
+    monitor = _monitor_with([2000.0] * 20, clock)
     fired: list[SLOStatus] = []
     evaluator = SLOEvaluator([E2E_GOOD], monitor, fired.append)
     with caplog.at_level(logging.WARNING, logger="lk_observe.slo"):
@@ -137,7 +153,7 @@ def test_on_breach_fires_once_per_breach_and_rearms_after_recovery(
     clock.now = 400.0  # the bad turns leave the window
     monitor.record("e2e", 100.0)
     assert evaluator.check()[0].breaching is False
-    for _ in range(10):
+    for _ in range(20):
         monitor.record("e2e", 2000.0)
     evaluator.check()
     assert len(fired) == 2
@@ -147,7 +163,7 @@ def test_raising_on_breach_hook_is_logged_not_raised(caplog: pytest.LogCaptureFi
     def broken(status: SLOStatus) -> None:
         raise RuntimeError("user bug")
 
-    evaluator = SLOEvaluator(DEFAULT_SLOS, _monitor_with([2000.0] * 10), broken)
+    evaluator = SLOEvaluator(DEFAULT_SLOS, _monitor_with([2000.0] * 20), broken)
     with caplog.at_level(logging.WARNING, logger="lk_observe.slo"):
         statuses = evaluator.check()
     assert [status.breaching for status in statuses] == [True, True]
@@ -244,7 +260,7 @@ def test_load_slos_reads_yaml_and_toml(tmp_path: Path, name: str, text: str) -> 
     [
         ("slos: []", "slos is empty"),
         ("slo: []", r"unknown key\(s\) \['slo'\]"),
-        ("- name: x", "expected a mapping, got list"),
+        ("- name: x", "expected a mapping with a `slos:` list at the top, got a list"),
         ("slos:\n  - {name: a, component: e2e, threshold_s: 0.8}", r"missing required.*objective"),
         (
             "slos:\n  - {name: a, component: e2e, threshold_s: 0.8, objective: 0.9, colour: red}",

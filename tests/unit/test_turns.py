@@ -61,6 +61,14 @@ def _llm(a: TurnAssembler, speech_id: str = "s1", at: float = 1002.911) -> list[
     )
 
 
+def live(turns: list[Turn]) -> list[Turn]:
+    return [t for t in turns if not t.complete]
+
+
+def complete(turns: list[Turn]) -> list[Turn]:
+    return [t for t in turns if t.complete]
+
+
 def _recorded_turn(a: TurnAssembler) -> list[Turn]:
     return _speech_and_user(a) + _first_audio(a) + _llm(a)
 
@@ -94,6 +102,8 @@ def _assert_sane(turns: list[Turn]) -> None:
             assert tokens is None or (isinstance(tokens, int) and tokens >= 0)
         if turn.tool_ms is not None:
             assert math.isfinite(turn.tool_ms) and 0.0 <= turn.tool_ms <= MAX_LATENCY_S * 1000
+        if turn.played_ms is not None:
+            assert math.isfinite(turn.played_ms) and 0.0 <= turn.played_ms <= 3600_000.0
 
 
 # -- the normal turn ------------------------------------------------------------------------
@@ -247,10 +257,11 @@ def test_barge_in_before_first_audio_gives_interrupted_turn_without_e2e_or_tier(
     _speech_and_user(a)
     _llm(a, at=1002.9)
     a.user_barge_in(at=1003.0)
-    [turn] = a.speech_done("s1", interrupted=True, at=1003.1)
-    assert turn.interrupted
+    first, turn = a.speech_done("s1", interrupted=True, at=1003.1)
+    assert not first.complete and turn.complete  # live and complete at once: it never played
+    assert first.interrupted and turn.interrupted
     assert "e2e" not in turn.latency_ms and "e2e" not in turn.stages
-    assert turn.tier is None
+    assert turn.tier is None and turn.played_ms is None
     assert {"vad", "stt", "eou", "llm_ttft"} <= set(turn.latency_ms)
     assert turn.ended_at == 1002.558  # never played: ends at the commit
 
@@ -259,7 +270,7 @@ def test_barge_in_marks_the_reply_even_when_speech_done_says_otherwise() -> None
     a = TurnAssembler()
     _speech_and_user(a)
     a.user_barge_in(at=1003.0)
-    [turn] = a.speech_done("s1", interrupted=False, at=1003.1)
+    [turn] = complete(a.speech_done("s1", interrupted=False, at=1003.1))
     assert turn.interrupted and turn.tier is None
 
 
@@ -278,8 +289,8 @@ def test_new_user_turn_while_previous_reply_never_played_emits_it_interrupted() 
     _speech_and_user(a)
     a.speech_created("s2", at=1004.0)
     turns = a.user_turn("item2", {"stopped_speaking_at": 1003.8}, "s2", at=1004.0)
-    assert [t.speech_id for t in turns] == ["s1"]
-    assert turns[0].interrupted and "e2e" not in turns[0].latency_ms and turns[0].tier is None
+    assert [(t.speech_id, t.complete) for t in turns] == [("s1", False), ("s1", True)]
+    assert turns[1].interrupted and "e2e" not in turns[1].latency_ms and turns[1].tier is None
     [second] = a.agent_speaking("s2", 1004.3, {}, at=1004.3)
     assert second.index == 2 and not second.interrupted
     assert second.latency_ms["e2e"] == pytest.approx(500.0)
@@ -289,9 +300,12 @@ def test_interrupted_after_first_audio_keeps_e2e() -> None:
     a = TurnAssembler()
     _speech_and_user(a)
     assert _first_audio(a) == []
-    [turn] = a.speech_done("s1", interrupted=True, at=1003.0)
-    assert turn.interrupted
+    first, turn = a.speech_done("s1", interrupted=True, at=1003.0)
+    assert not first.interrupted  # live at first audio: it had started playing
+    assert turn.complete and turn.interrupted  # LiveKit's meaning: cut short, at any point
     assert turn.latency_ms["e2e"] == pytest.approx(466.7)
+    assert turn.played_ms == pytest.approx((1003.0 - FIRST_AUDIO) * 1000.0)
+    assert turn.ended_at == 1003.0
 
 
 def test_false_interruption_resume_counts_first_audio_once() -> None:
@@ -303,7 +317,9 @@ def test_false_interruption_resume_counts_first_audio_once() -> None:
     [turn] = _llm(a, at=1003.7)
     _assert_normal_values(turn)
     assert a.agent_speaking("s1", started_at=1004.0, early=EARLY, at=1004.0) == []
-    assert a.speech_done("s1", interrupted=False, at=1004.5) == []
+    [done] = a.speech_done("s1", interrupted=False, at=1004.5)
+    assert done.complete and not done.interrupted  # it resumed and played out
+    _assert_normal_values(done)
     assert a.close(at=1005.0) == []
 
 
@@ -323,9 +339,9 @@ def test_preemptive_speech_that_was_discarded_emits_nothing_and_spares_the_real_
     out += a.speech_done("pre", interrupted=True, at=1002.56)  # cancelled, never played
     out += _recorded_turn(a)
     out += a.close(at=1010.0)
-    assert [t.speech_id for t in out] == ["s1"]
+    assert [(t.speech_id, t.complete) for t in out] == [("s1", False), ("s1", True)]
     _assert_normal_values(out[0])
-    assert out[0].index == 1
+    assert out[0].index == out[1].index == 1
 
 
 def test_duplicate_user_item_makes_one_turn_and_is_counted() -> None:
@@ -333,7 +349,7 @@ def test_duplicate_user_item_makes_one_turn_and_is_counted() -> None:
     _speech_and_user(a)
     assert a.user_turn("item1", USER_METRICS, "s1", at=1002.6) == []
     turns = _first_audio(a) + _llm(a) + a.close(at=1010.0)
-    assert len(turns) == 1
+    assert len(live(turns)) == len(complete(turns)) == 1
     _assert_normal_values(turns[0])
     assert a.skipped["duplicate_item"] == 1
 
@@ -375,18 +391,58 @@ def test_realtime_like_pipeline_reports_only_measured_components() -> None:
     assert turn.llm_rounds == 0 and turn.tier == "excellent"
 
 
-def test_user_turn_without_a_speech_is_counted_not_emitted() -> None:
+def test_user_turn_that_never_got_a_reply_is_reported_at_close_not_lost() -> None:
     a = TurnAssembler()
     assert a.user_turn("item1", USER_METRICS, None, at=1002.558) == []
-    assert a.close(at=1003.0) == []
-    assert a.skipped["user_turn_without_speech"] == 1
+    first, turn = a.close(at=1003.0)
+    assert (first.complete, turn.complete) == (False, True)
+    assert turn.index == 1 and turn.kind == "user" and turn.speech_id is None
+    assert "e2e" not in turn.latency_ms and {"stt", "eou"} <= set(turn.latency_ms)
+    assert a.skipped["user_turn_without_reply"] == 1
 
 
-def test_second_user_item_for_an_answered_speech_is_counted() -> None:
+def test_a_user_turn_committed_before_its_reply_is_created_gets_that_reply() -> None:
+    a = TurnAssembler()
+    assert a.user_turn("item1", USER_METRICS, None, at=1002.558) == []
+    a.speech_created("s1", at=1002.6)
+    [turn] = _first_audio(a) + _llm(a)
+    assert turn.index == 1 and turn.speech_id == "s1" and "e2e" in turn.latency_ms
+
+
+def test_a_say_is_never_the_reply_to_a_user_turn() -> None:
+    a = TurnAssembler()
+    a.speech_created("reply", at=1002.45)
+    a.speech_created("filler", at=1002.5, said=True)  # said from on_user_turn_completed
+    # LiveKit commits the user message while the filler is the current speech
+    a.user_turn("item1", USER_METRICS, "filler", at=1002.558)
+    filler = a.agent_speaking("filler", FIRST_AUDIO, {}, at=FIRST_AUDIO)
+    assert [(t.kind, "e2e" in t.latency_ms) for t in filler] == [("agent", False)]
+    [reply] = a.agent_speaking("reply", 1003.5, {}, at=1003.5)
+    assert reply.kind == "user" and reply.index == 1
+    assert reply.latency_ms["e2e"] == pytest.approx((1003.5 - SPEECH_END) * 1000.0)
+
+
+def test_typed_input_while_the_agent_speaks_is_a_user_turn_with_its_reply() -> None:
+    a = TurnAssembler()
+    _recorded_turn(a)  # s1 answers turn 1 and is still playing
+    a.speech_created("s2", at=1003.2)  # generate_reply(user_input=...)
+    # committed while s1 is still the current speech; a typed message has no metrics
+    assert a.user_turn("typed", {}, "s1", at=1003.3) == []
+    [typed] = a.agent_speaking("s2", 1003.9, {}, at=1003.9)
+    assert typed.index == 2 and typed.kind == "user" and typed.speech_id == "s2"
+    assert "e2e" not in typed.latency_ms  # nothing is measured from a keystroke
+    assert not a.skipped
+
+
+def test_second_user_item_for_an_answered_speech_waits_for_its_own_reply() -> None:
     a = TurnAssembler()
     _speech_and_user(a)
-    a.user_turn("item2", {"stopped_speaking_at": 1002.5}, "s1", at=1002.6)
-    assert a.skipped["speech_already_answered"] == 1
+    abandoned = a.user_turn("item2", {"stopped_speaking_at": 1002.5}, "s1", at=1002.6)
+    assert [t.speech_id for t in abandoned] == ["s1", "s1"]  # never played: the user moved on
+    assert abandoned[1].interrupted
+    a.speech_created("s2", at=1002.7)
+    [second] = a.agent_speaking("s2", 1003.0, {}, at=1003.0)
+    assert second.index == 2 and second.speech_id == "s2"
 
 
 def test_implausible_speech_end_makes_an_unspoken_turn() -> None:
@@ -426,7 +482,7 @@ def test_reply_that_never_starts_is_finished_after_max_latency() -> None:
     a = TurnAssembler()
     _speech_and_user(a)
     assert a.expire(1002.558 + MAX_LATENCY_S - 1.0) == []
-    [turn] = a.expire(1002.558 + MAX_LATENCY_S)
+    [turn] = complete(a.expire(1002.558 + MAX_LATENCY_S))
     assert "e2e" not in turn.latency_ms
     assert a.skipped["reply_never_started"] == 1
 
@@ -435,7 +491,8 @@ def test_close_flushes_pending_turns_and_ignores_later_user_turns() -> None:
     a = TurnAssembler()
     _speech_and_user(a)
     _first_audio(a)  # waiting for LLM metrics
-    [turn] = a.close(at=1003.0)
+    first, turn = a.close(at=1003.0)
+    assert (first.complete, turn.complete) == (False, True)
     assert turn.speech_id == "s1"
     assert turn.latency_ms["e2e"] == pytest.approx(466.7)
     assert a.pending == 0
@@ -460,8 +517,9 @@ def test_memory_stays_bounded_over_ten_thousand_speeches() -> None:
         assert len(a._speeches) <= MAX_TRACKED_SPEECHES
         assert len(a._seen_items) <= MAX_TRACKED_SPEECHES
         assert len(a._agent_turns) <= MAX_TRACKED_SPEECHES
+        assert len(a._open) <= MAX_TRACKED_SPEECHES
     emitted += len(a.close(at=20_000.0))
-    assert emitted == 3334 + 3333
+    assert emitted == 2 * (3334 + 3333)  # each reported live, then complete
     assert a.pending == 0
 
 
@@ -557,7 +615,7 @@ def test_bad_value_never_raises_nor_yields_a_negative_nan_or_absurd_number(
     method: str, key: str, value: object
 ) -> None:
     _, turns = _turn_with(method, key, value)
-    assert len(turns) == 1
+    assert len(live(turns)) == len(complete(turns)) == 1
     _assert_sane(turns)
 
 
@@ -623,5 +681,56 @@ def test_bad_arrival_time_never_raises_nor_yields_a_bad_latency(at: float) -> No
     for call in calls:
         turns += call()
     a.user_barge_in(at=at)
-    assert len(turns) <= 1
+    assert len(complete(turns)) <= 1 and len(live(turns)) <= 1
     _assert_sane(turns)
+
+
+# -- the complete record: what happened after the first audio -----------------------------
+
+
+def test_tools_and_llm_rounds_after_the_first_audio_belong_to_the_turn() -> None:
+    a = TurnAssembler()
+    _speech_and_user(a)
+    _first_audio(a)
+    [first] = _llm(a)  # "let me check" played; the LLM then called a tool
+    assert first.tool_calls == 0 and first.llm_rounds == 1
+    # LiveKit runs tools outside the current-speech slot: no speech id on the event
+    assert a.tools_executed(None, 1003.0, 1003.4, 2, at=1003.4) == []
+    assert a.llm_metrics("s1", ended_at=1003.9, duration_s=0.4, ttft_s=0.2, at=1003.9) == []
+    [turn] = a.speech_done("s1", interrupted=False, at=1005.0)
+    assert turn.complete and not turn.interrupted
+    assert turn.tool_calls == 2 and turn.tool_ms == pytest.approx(400.0)
+    assert turn.llm_rounds == 2 and "llm_round_2" in turn.stages
+    assert turn.stages["tool"] == Stage(1003.0, 1003.4)
+    assert turn.latency_ms == first.latency_ms  # latency is what went live at first audio
+    assert not a.skipped
+
+
+def test_a_reply_played_out_reports_how_long_it_played() -> None:
+    a = TurnAssembler()
+    _recorded_turn(a)
+    [turn] = a.speech_done("s1", interrupted=False, at=FIRST_AUDIO + 2.5)
+    assert turn.played_ms == pytest.approx(2500.0)
+    assert turn.ended_at == FIRST_AUDIO + 2.5 and not turn.interrupted
+
+
+def test_events_after_the_complete_record_change_nothing() -> None:
+    a = TurnAssembler()
+    _recorded_turn(a)
+    a.speech_done("s1", interrupted=False, at=1004.0)
+    assert a.tools_executed("s1", 1004.1, 1004.2, 1, at=1004.2) == []
+    assert a.llm_metrics("s1", ended_at=1004.5, duration_s=0.2, ttft_s=0.1, at=1004.5) == []
+    assert a.speech_done("s1", interrupted=True, at=1004.6) == []
+    assert a.skipped["tools_without_reply"] == 1
+    assert a.skipped["llm_metrics_after_reply"] == 1
+
+
+def test_a_reply_evicted_before_its_end_is_completed_not_lost() -> None:
+    a = TurnAssembler()
+    _recorded_turn(a)  # s1 reported live, still playing
+    out: list[Turn] = []
+    for i in range(MAX_TRACKED_SPEECHES + 1):
+        out += a.speech_created(f"x{i}", at=1004.0 + i)
+    [turn] = complete(out)
+    assert turn.speech_id == "s1" and turn.complete
+    assert a.skipped["evicted_unfinished_reply"] == 1

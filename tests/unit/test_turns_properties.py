@@ -123,12 +123,24 @@ def test_random_event_streams_never_raise_and_yield_only_plausible_turns(
         turns += getattr(a, name)(**kwargs) or []
     if close_at is not None:
         turns += a.close(close_at)
-        assert a.pending == 0
+        assert a.pending == 0 and a.open == 0
     for turn in turns:
         _check_turn(turn)
-    assert sum(1 for t in turns if t.kind == "user") <= len(user_items)
-    indices = [t.index for t in turns]
-    assert len(indices) == len(set(indices))
-    speech_ids = [t.speech_id for t in turns]
-    assert len(speech_ids) == len(set(speech_ids))
+        if turn.played_ms is not None:
+            assert turn.complete and 0.0 <= turn.played_ms <= 3600_000.0
+    live = [t for t in turns if not t.complete]
+    done = [t for t in turns if t.complete]
+    # each turn is reported live once, then complete once, in that order, with one index
+    assert {(t.index, t.speech_id) for t in done} <= {(t.index, t.speech_id) for t in live}
+    if close_at is not None:
+        assert len(done) == len(live)
+    for reports in (live, done):
+        assert sum(1 for t in reports if t.kind == "user") <= len(user_items)
+        indices = [t.index for t in reports]
+        assert len(indices) == len(set(indices))
+        speech_ids = [t.speech_id for t in reports if t.speech_id is not None]
+        assert len(speech_ids) == len(set(speech_ids))
+    position = {(t.index, t.complete): i for i, t in enumerate(turns)}
+    for t in done:
+        assert position[(t.index, False)] < position[(t.index, True)]
     assert all(count >= 0 for count in a.skipped.values())

@@ -1,0 +1,296 @@
+"""Every kind of turn a real agent has, through a real AgentSession, checked against the scripted
+ground truth and against LiveKit's own `ChatMessage.metrics` for the same reply.
+
+Situations: a greeting before the first user turn, a reply cut off after its first audio, a
+filler said (`session.say`) from `on_user_turn_completed`, an LLM that speaks before calling a
+tool, typed input while the agent speaks, and a session closed mid-reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from livekit.agents import llm
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+import lk_observe
+from lk_observe.demo import GroundTruth, ScriptedTurn, build_pipeline, run_pipeline
+from tests.otel import memory_tracing
+
+E2E_TOLERANCE_MS = 1.0  # against LiveKit's e2e_latency / llm_node_ttft / tts_node_ttfb
+PLAYED_TOLERANCE_MS = 1.0
+
+
+@dataclass
+class Played:
+    turns: list[lk_observe.Turn]
+    messages: list[llm.ChatMessage]
+    truth: GroundTruth
+    registry: CollectorRegistry
+    exporter: InMemorySpanExporter
+    handle: lk_observe.InstrumentHandle
+    live_e2e: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def play(
+    script: list[ScriptedTurn], *, greeting: bool = False, close_after_s: float | None = None
+) -> Played:
+    async def go() -> Played:
+        provider, exporter = memory_tracing()
+        registry = CollectorRegistry()
+        pipeline = build_pipeline(script, greeting=ScriptedTurn() if greeting else None)
+        turns: list[lk_observe.Turn] = []
+        handle = lk_observe.instrument(
+            pipeline.session,
+            tracer_provider=provider,
+            registry=registry,
+            monitor=lk_observe.LatencyMonitor(),
+            on_turn=turns.append,
+        )
+        if close_after_s is None:
+            truth = await run_pipeline(pipeline)
+        else:
+            await pipeline.session.start(pipeline.agent)
+            pipeline.audio_input.push_silence()
+            await asyncio.sleep(close_after_s)
+            await pipeline.session.aclose()
+            truth = pipeline.truth
+        assert await asyncio.to_thread(lk_observe.flush, 10.0)
+        await asyncio.sleep(0.05)  # on_turn hand-backs run on this loop
+        messages = [item for item in pipeline.session.history.items if item.type == "message"]
+        live = registry.get_sample_value(
+            "voice_agent_latency_seconds_count", {"component": "e2e", "agent": "default"}
+        )
+        return Played(turns, messages, truth, registry, exporter, handle, live or 0.0)
+
+    return asyncio.run(go())
+
+
+def first_audio(turn: lk_observe.Turn) -> float:
+    """When the reply's first audio played: where its e2e (or its TTS wait) ends."""
+    stage = turn.stages.get("e2e") or turn.stages["tts_ttfb"]
+    return stage.end
+
+
+def livekit_played_ms(played: Played, turn: lk_observe.Turn) -> float:
+    """The reply's messages' playout, as LiveKit timed it (a reply can be several messages)."""
+    start, end = first_audio(turn) - 0.002, turn.ended_at - 0.002
+    spans = [
+        (m.metrics or {}).get("stopped_speaking_at", 0.0) - (m.metrics or {})["started_speaking_at"]
+        for m in played.messages
+        if m.role == "assistant"
+        and start <= (m.metrics or {}).get("started_speaking_at", 0.0) <= end
+    ]
+    return sum(spans) * 1000.0
+
+
+def livekit_reply(played: Played, turn: lk_observe.Turn) -> llm.ChatMessage:
+    """LiveKit's assistant message for the reply this turn reports."""
+    at = first_audio(turn)
+    [message] = [
+        m
+        for m in played.messages
+        if m.role == "assistant"
+        and abs((m.metrics or {}).get("started_speaking_at", 0.0) - at) < 0.002
+    ]
+    return message
+
+
+def assert_agrees_with_livekit(played: Played) -> None:
+    """Each reply that played: the figures LiveKit stored for it, within a millisecond."""
+    for turn in played.turns:
+        if turn.played_ms is None:
+            continue
+        lk = livekit_reply(played, turn).metrics or {}
+        if "e2e_latency" in lk or "e2e" in turn.latency_ms:
+            assert turn.latency_ms["e2e"] == pytest.approx(
+                lk["e2e_latency"] * 1000, abs=E2E_TOLERANCE_MS
+            )
+        if "tts_node_ttfb" in lk:
+            assert turn.latency_ms["tts_ttfb"] == pytest.approx(
+                lk["tts_node_ttfb"] * 1000, abs=E2E_TOLERANCE_MS
+            )
+        if "llm_node_ttft" in lk and turn.llm_rounds:
+            assert turn.latency_ms["llm_ttft"] == pytest.approx(
+                lk["llm_node_ttft"] * 1000, abs=E2E_TOLERANCE_MS
+            )
+        else:
+            assert "llm_ttft" not in turn.latency_ms  # no LLM ran for it: nothing carried over
+        assert turn.played_ms == pytest.approx(
+            livekit_played_ms(played, turn), abs=PLAYED_TOLERANCE_MS
+        )
+    spoken = [
+        m
+        for m in played.messages
+        if m.role == "user" and (m.metrics or {}).get("end_of_turn_delay")
+    ]
+    user_turns = [t for t in played.turns if "stt" in t.latency_ms]
+    assert len(spoken) == len(user_turns)
+    for message, turn in zip(spoken, user_turns, strict=True):
+        metrics = message.metrics or {}
+        assert turn.latency_ms["stt"] == pytest.approx(metrics["transcription_delay"] * 1000)
+        assert turn.latency_ms["eou"] == pytest.approx(metrics["end_of_turn_delay"] * 1000)
+
+
+def assert_every_turn_once_in_order(played: Played) -> None:
+    # no index lost or repeated (a filler can end before the reply it precedes)
+    assert sorted(t.index for t in played.turns) == list(range(1, len(played.turns) + 1))
+    assert all(t.complete for t in played.turns)
+    assert played.handle.turns_emitted == len(played.turns)
+    roots = [s for s in played.exporter.get_finished_spans() if s.name == "voice.turn"]
+    assert len(roots) == len(played.turns)
+    assert {t.trace_id for t in played.turns} == {r.context.trace_id for r in roots if r.context}
+
+
+# -- a greeting, then a reply the caller cuts off after it started playing --------------------
+
+
+@pytest.fixture(scope="module")
+def barge_in() -> Played:
+    return play(
+        [ScriptedTurn(reply_audio_s=2.5, barge_in_after_s=1.5), ScriptedTurn()], greeting=True
+    )
+
+
+def test_a_greeting_is_an_agent_turn_before_the_first_user_turn(barge_in: Played) -> None:
+    greeting = barge_in.turns[0]
+    assert greeting.index == 1 and greeting.kind == "agent"
+    assert "e2e" not in greeting.latency_ms and greeting.tier is None
+    assert_every_turn_once_in_order(barge_in)
+
+
+def test_a_reply_cut_off_after_its_first_audio_is_interrupted(barge_in: Played) -> None:
+    cut, after = barge_in.turns[1], barge_in.turns[2]
+    assert cut.interrupted and not after.interrupted
+    assert livekit_reply(barge_in, cut).interrupted  # LiveKit's own word for it
+    assert cut.latency_ms["e2e"] > 0 and cut.tier is not None  # its latency still counts
+    assert cut.played_ms is not None and 0 < cut.played_ms < 2500.0
+    interruptions = barge_in.registry.get_sample_value(
+        "voice_agent_interruptions_total", {"agent": "default"}
+    )
+    assert interruptions == 1.0
+    assert barge_in.live_e2e == 2  # both user turns' latency went live at first audio
+    root = next(
+        s
+        for s in barge_in.exporter.get_finished_spans()
+        if s.name == "voice.turn" and s.context and s.context.trace_id == cut.trace_id
+    )
+    attrs = dict(root.attributes or {})
+    assert attrs["voice.turn.interrupted"] is True
+    assert attrs["voice.reply.played_ms"] == pytest.approx(cut.played_ms, abs=0.001)
+
+
+def test_barge_in_figures_agree_with_livekit_and_the_truth(barge_in: Played) -> None:
+    assert_agrees_with_livekit(barge_in)
+    for turn, truth in zip(barge_in.turns[1:], barge_in.truth.turns, strict=True):
+        assert turn.latency_ms["e2e"] == pytest.approx(truth.latency_ms()["e2e"], abs=5.0)
+
+
+# -- a filler said from on_user_turn_completed, and an LLM that speaks before its tool --------
+
+
+@pytest.fixture(scope="module")
+def filler_and_tool() -> Played:
+    return play(
+        [
+            ScriptedTurn(),
+            ScriptedTurn(filler=True, llm_ttft_s=0.6, llm_total_s=0.8),
+            ScriptedTurn(tool_s=0.5, speak_before_tool=True, reply_audio_s=1.0),
+        ]
+    )
+
+
+def test_a_filler_reports_only_its_own_speech(filler_and_tool: Played) -> None:
+    [filler] = [t for t in filler_and_tool.turns if t.kind == "agent"]
+    assert "llm_ttft" not in filler.latency_ms  # no LLM ran for it; nothing from the last reply
+    assert "e2e" not in filler.latency_ms and filler.tier is None
+    lk = livekit_reply(filler_and_tool, filler).metrics or {}
+    assert filler.latency_ms["tts_ttfb"] == pytest.approx(lk["tts_node_ttfb"] * 1000, abs=1.0)
+
+
+def test_the_user_turn_behind_a_filler_is_answered_by_the_llm_reply(
+    filler_and_tool: Played,
+) -> None:
+    user_turns = [t for t in filler_and_tool.turns if t.kind == "user"]
+    assert len(user_turns) == 3
+    second = user_turns[1]
+    truth = filler_and_tool.truth.turns[1].latency_ms()
+    assert second.latency_ms["e2e"] == pytest.approx(truth["e2e"], abs=5.0)  # to the answer
+    assert second.latency_ms["llm_ttft"] == pytest.approx(truth["llm_ttft"], abs=5.0)
+
+
+def test_a_tool_called_after_the_first_words_belongs_to_the_turn(filler_and_tool: Played) -> None:
+    turn = [t for t in filler_and_tool.turns if t.kind == "user"][2]
+    assert turn.tool_calls == 1 and turn.llm_rounds == 2
+    assert turn.stages["tool"].end > first_audio(turn)  # it finished after the first words
+    assert not filler_and_tool.handle.skipped
+
+
+def test_filler_and_tool_figures_agree_with_livekit(filler_and_tool: Played) -> None:
+    assert_agrees_with_livekit(filler_and_tool)
+    assert_every_turn_once_in_order(filler_and_tool)
+
+
+# -- typed input while the agent speaks ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def typed() -> Played:
+    return play([ScriptedTurn(reply_audio_s=2.5, barge_in_after_s=1.2), ScriptedTurn(typed=True)])
+
+
+def test_typed_input_while_the_agent_speaks_is_a_user_turn_with_its_reply(typed: Played) -> None:
+    spoken, typed_turn = typed.turns
+    assert typed_turn.kind == "user" and typed_turn.index == 2
+    assert not {"e2e", "vad", "stt", "eou"} & set(typed_turn.latency_ms)
+    assert typed_turn.latency_ms["llm_ttft"] == pytest.approx(
+        typed.truth.turns[1].latency_ms()["llm_ttft"], abs=5.0
+    )
+    assert "e2e" in spoken.latency_ms
+    assert not typed.handle.skipped
+    assert_agrees_with_livekit(typed)
+    assert_every_turn_once_in_order(typed)
+
+
+# -- a session closed while the agent is speaking -----------------------------------------------
+
+
+def test_a_session_closed_mid_reply_still_reports_the_turn_once() -> None:
+    played = play([ScriptedTurn(reply_audio_s=5.0)], close_after_s=2.4)
+    [turn] = played.turns
+    assert turn.complete and "e2e" in turn.latency_ms
+    assert turn.played_ms is not None and turn.played_ms < 5000.0
+    assert_every_turn_once_in_order(played)
+
+
+# -- a handoff: a tool returns a new Agent ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def handoff() -> Played:
+    return play([ScriptedTurn(handoff=True), ScriptedTurn(), ScriptedTurn()])
+
+
+def test_turns_keep_flowing_across_a_handoff_with_the_active_agent_named(handoff: Played) -> None:
+    assert [t.active_agent for t in handoff.turns] == [
+        "scripted_specialist",  # the transfer's reply is spoken by the new agent
+        "scripted_specialist",
+        "scripted_specialist",
+    ]
+    for turn, truth in zip(handoff.turns, handoff.truth.turns, strict=True):
+        assert turn.latency_ms["e2e"] == pytest.approx(truth.latency_ms()["e2e"], abs=5.0)
+    assert handoff.turns[0].tool_calls == 1 and handoff.turns[0].llm_rounds == 2
+    root = next(
+        s
+        for s in handoff.exporter.get_finished_spans()
+        if s.name == "voice.turn" and s.context and s.context.trace_id == handoff.turns[1].trace_id
+    )
+    assert dict(root.attributes or {})["gen_ai.agent.name"] == "scripted_specialist"
+    assert not handoff.handle.skipped
+    assert_agrees_with_livekit(handoff)
+    assert_every_turn_once_in_order(handoff)

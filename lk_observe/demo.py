@@ -36,6 +36,7 @@ from livekit.agents.voice.io import AudioInput, AudioOutput, AudioOutputCapabili
 SAMPLE_RATE = 24000
 _MIN_SPEECH_S = 0.05  # VAD needs this much speech before declaring its start
 _VAD_UPDATE_S = 0.05
+_NOISE_S = 0.3  # long enough for LiveKit to pause the reply (interruption min_duration 0.2)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class ScriptedTurn:
     speak_before_tool: bool = False  # with tool_s: the LLM says "let me check", then calls it
     typed: bool = False  # typed (generate_reply(user_input=...)) at its place on the timeline
     handoff: bool = False  # the LLM calls `transfer`: a tool that hands off to a new Agent
+    noise_after_s: float | None = None  # a noise (VAD hears speech, STT nothing) this long
+    # after the user's speech end: a false interruption the reply resumes after
     gap_s: float = 0.4  # silence between the end of the reply and the next utterance
 
 
@@ -131,6 +134,7 @@ class _Utterance:
     start: float  # seconds on the timeline
     end: float
     turn: ScriptedTurn
+    noise: bool = False  # heard by the VAD only: no words, no ground truth
 
 
 def plan_timeline(turns: Sequence[ScriptedTurn], *, lead_s: float = 0.6) -> list[_Utterance]:
@@ -141,6 +145,9 @@ def plan_timeline(turns: Sequence[ScriptedTurn], *, lead_s: float = 0.6) -> list
     for i, turn in enumerate(turns):
         start, end = t, t + turn.speech_s
         out.append(_Utterance(i, start, end, turn))
+        if turn.noise_after_s is not None:
+            noise_at = end + turn.noise_after_s
+            out.append(_Utterance(i, noise_at, noise_at + _NOISE_S, turn, noise=True))
         if turn.barge_in_after_s is not None:
             t = end + turn.barge_in_after_s
         else:
@@ -219,9 +226,10 @@ class _ScriptedVADStream(vad.VADStream):
                 await asyncio.sleep(_VAD_UPDATE_S)
                 self._send(vad.VADEventType.INFERENCE_DONE, u)
             await clock.sleep_until(decide_at)
-            truth = owner._truth.turns[u.index]
-            truth.speech_end = clock.wall(u.end)
-            truth.vad_end = time.time()
+            if not u.noise:
+                truth = owner._truth.turns[u.index]
+                truth.speech_end = clock.wall(u.end)
+                truth.vad_end = time.time()
             self._send(vad.VADEventType.END_OF_SPEECH, u)
         async for _ in self._input_ch:
             pass
@@ -288,8 +296,8 @@ class _ScriptedSTTStream(stt.RecognizeStream):
         clock = owner._clock
         opened = clock.now()  # a stream opened later (a handoff's new agent) hears what follows
         for u in owner._utterances:
-            if u.turn.typed or u.start < opened:
-                continue  # typed (run_pipeline sends it), or spoken before this stream
+            if u.turn.typed or u.noise or u.start < opened:
+                continue  # typed (run_pipeline sends it), a noise, or before this stream
             await clock.sleep_until(u.end + u.turn.stt_s / 2)
             self._send(stt.SpeechEventType.INTERIM_TRANSCRIPT, _user_text(u.index).split()[0])
             await clock.sleep_until(u.end + u.turn.stt_s)

@@ -92,7 +92,7 @@ class Turn:
     trace_id: int | None = None  # set by the tracing sink before the other sinks run
     span_id: int | None = None
     complete: bool = True  # False: the live report at first audio; the reply goes on
-    played_ms: float | None = None  # audio played before the reply ended (complete turns)
+    played_ms: float | None = None  # how long the reply played before it ended or was cut
     active_agent: str | None = None  # the LiveKit Agent (its id) speaking the reply
 
 

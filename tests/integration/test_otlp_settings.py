@@ -4,6 +4,7 @@ flush_tracing says False after spans were lost."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -109,7 +110,9 @@ def test_the_queue_size_variable_applies_and_an_argument_wins(
     monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "5")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # nothing leaves before the flush
     try:
-        for argument, exported, dropped in ((None, 5, 45), (2048, 50, 0)):
+        # the export thread may take a full queue's 5 spans out while the rest arrive, so with
+        # the variable's queue of 5 spans some (not exactly 45) are dropped; with the argument none
+        for argument in (None, 2048):
             provider = configure_tracing(
                 endpoint=collector.endpoint,
                 protocol=protocol,
@@ -120,9 +123,13 @@ def test_the_queue_size_variable_applies_and_an_argument_wins(
                 tracer = provider.get_tracer("settings")
                 for i in range(50):
                     tracer.start_span(f"s{i}").end()
-                assert flush_tracing(provider, 5.0) is (dropped == 0)
+                health_ok = flush_tracing(provider, 5.0)
                 health = export_health(provider)
-                assert (health["exported"], health["dropped"]) == (exported, dropped), argument
+                assert health["exported"] + health["dropped"] == 50, argument
+                if argument is None:
+                    assert health["dropped"] >= 25 and not health_ok  # a queue of 5, not 2048
+                else:
+                    assert (health["exported"], health["dropped"]) == (50, 0) and health_ok
             finally:
                 shutdown_tracing(provider, 2.0)
     finally:
@@ -142,6 +149,7 @@ def test_a_malformed_endpoint_variable_starts_but_reports_unhealthy(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "collector.internal")  # no scheme
+    caplog.set_level(logging.WARNING, logger="lk_observe.otlp")  # whatever earlier tests set
     provider = configure_tracing(registry=CollectorRegistry())  # the agent must still start
     try:
         health = export_health(provider)

@@ -294,3 +294,23 @@ def test_turns_keep_flowing_across_a_handoff_with_the_active_agent_named(handoff
     assert not handoff.handle.skipped
     assert_agrees_with_livekit(handoff)
     assert_every_turn_once_in_order(handoff)
+
+
+# -- a false interruption: a noise pauses the reply, which then resumes ------------------------
+
+
+def test_a_false_interruption_that_resumes_is_not_an_interruption() -> None:
+    played = play([ScriptedTurn(reply_audio_s=2.5, noise_after_s=0.8, gap_s=3.0), ScriptedTurn()])
+    first, second = played.turns
+    assert not first.interrupted and not livekit_reply(played, first).interrupted
+    # the pause is inside the playout, as LiveKit times it: longer than the audio itself
+    assert first.played_ms is not None and first.played_ms > 2500.0
+    assert (
+        played.registry.get_sample_value("voice_agent_interruptions_total", {"agent": "default"})
+        == 0.0
+    )
+    for turn, truth in zip(played.turns, played.truth.turns, strict=True):
+        assert turn.latency_ms["e2e"] == pytest.approx(truth.latency_ms()["e2e"], abs=5.0)
+    assert second.index == 2 and not played.handle.skipped
+    assert_agrees_with_livekit(played)
+    assert_every_turn_once_in_order(played)

@@ -20,6 +20,7 @@ from livekit.agents import (
     NOT_GIVEN,
     Agent,
     AgentSession,
+    AgentTask,
     APIConnectOptions,
     LanguageCode,
     NotGivenOr,
@@ -56,6 +57,8 @@ class ScriptedTurn:
     speak_before_tool: bool = False  # with tool_s: the LLM says "let me check", then calls it
     typed: bool = False  # typed (generate_reply(user_input=...)) at its place on the timeline
     handoff: bool = False  # the LLM calls `transfer`: a tool that hands off to a new Agent
+    task: bool = False  # the LLM calls `ask_consent`, which runs an AgentTask that asks; the
+    # next utterance answers it (the task's LLM calls `confirm`), then the tool's result is answered
     noise_after_s: float | None = None  # a noise (VAD hears speech, STT nothing) this long
     # after the user's speech end: a false interruption the reply resumes after
     gap_s: float = 0.4  # silence between the end of the reply and the next utterance
@@ -122,6 +125,10 @@ def _filler_text(i: int) -> str:
 
 def _check_text(i: int) -> str:
     return f"C{i}: let me check."
+
+
+def _task_text(i: int) -> str:
+    return f"T{i}: please confirm."
 
 
 GREETING_PROMPT = "greet the caller"
@@ -488,6 +495,12 @@ class ScriptedAudioInput(AudioInput):
     async def __anext__(self) -> rtc.AudioFrame:
         return await self._ch.__anext__()
 
+    async def keep_feeding(self, every_s: float = 0.25) -> None:
+        """A frame now and then: streams opened later (a handoff, a task) start too."""
+        while True:
+            await asyncio.sleep(every_s)
+            self.push_silence(0.01)
+
     def push_silence(self, seconds: float = 0.1) -> None:
         n = int(16000 * seconds)
         self._ch.send_nowait(
@@ -604,6 +617,12 @@ class ScriptedAgent(Agent):
                 self.session.say(_filler_text(index))
 
     @function_tool
+    async def ask_consent(self, turn: int) -> str:
+        """Ask the caller to confirm before going on."""
+        confirmed = await ConsentTask(turn)
+        return f"consent-{turn}-{confirmed}"
+
+    @function_tool
     async def transfer(self) -> tuple[Agent, str]:
         """Hand the caller over to the specialist."""
         return ScriptedSpecialist(self._truth, self._tool_delays, self._fillers), "transferred"
@@ -617,14 +636,24 @@ class ScriptedAgent(Agent):
         return _tool_result(turn)
 
 
-class ScriptedSpecialist(ScriptedAgent):
-    """The agent a `transfer` hands off to: same scripted models, its own name."""
+class ConsentTask(AgentTask[bool]):
+    """A task run inside a tool call: says its question, then waits for the caller's answer."""
+
+    def __init__(self, turn: int) -> None:
+        super().__init__(instructions="Ask the caller to confirm.")
+        self._turn = turn
 
     async def on_enter(self) -> None:
-        # its activity opens new VAD/STT streams: like a live microphone, feed them a frame
-        audio = self.session.input.audio
-        if isinstance(audio, ScriptedAudioInput):
-            audio.push_silence()
+        self.session.say(_task_text(self._turn))
+
+    @function_tool
+    async def confirm(self) -> None:
+        """The caller confirmed."""
+        self.complete(True)
+
+
+class ScriptedSpecialist(ScriptedAgent):
+    """The agent a `transfer` hands off to: same scripted models, its own name."""
 
 
 @dataclass
@@ -665,7 +694,23 @@ def build_pipeline(
         if turn.filler:
             f = truth.fillers[i] = TurnTruth()
             tts_replies[_filler_text(i).split(" ")[0]] = _TTSReply(f, turn.tts_ttfb_s, 0.5)
-        if turn.handoff:
+        if turn.task:
+            ask = llm.FunctionToolCall(
+                name="ask_consent", arguments=f'{{"turn": {i}}}', call_id=f"ask_{i}"
+            )
+            llm_replies[_user_text(i)] = _LLMReply(
+                t, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=ask
+            )
+            confirm = llm.FunctionToolCall(name="confirm", arguments="{}", call_id=f"confirm_{i}")
+            answer = truth.turns[i + 1] if i + 1 < len(turns) else t
+            llm_replies[_user_text(i + 1)] = _LLMReply(
+                answer, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=confirm
+            )
+            llm_replies[f"consent-{i}-True"] = _LLMReply(
+                t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
+            )
+            tts_replies[_task_text(i).split(" ")[0]] = _TTSReply(t, turn.tts_ttfb_s, 0.6)
+        elif turn.handoff:
             call = llm.FunctionToolCall(name="transfer", arguments="{}", call_id=f"transfer_{i}")
             llm_replies[_user_text(i)] = _LLMReply(
                 t, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=call
@@ -687,7 +732,7 @@ def build_pipeline(
             llm_replies[_tool_result(i)] = _LLMReply(
                 t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
             )
-        else:
+        elif _user_text(i) not in llm_replies:  # not the answer to an earlier turn's task
             llm_replies[_user_text(i)] = _LLMReply(
                 t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
             )
@@ -740,11 +785,14 @@ async def run_pipeline(pipeline: ScriptedPipeline, *, settle_s: float = 0.5) -> 
     if pipeline.greeting:
         session.generate_reply(instructions=GREETING_PROMPT)
     pipeline.audio_input.push_silence()
+    # like a live microphone: an agent or task that takes over opens new VAD/STT streams
+    microphone = asyncio.create_task(pipeline.audio_input.keep_feeding())
     loop = asyncio.get_running_loop()
     for u in pipeline.utterances:
         if u.turn.typed:
             loop.call_later(u.end, functools.partial(_type, session, _user_text(u.index)))
     await asyncio.sleep(pipeline.duration_s + settle_s)
+    microphone.cancel()
     with contextlib.suppress(RuntimeError):
         await session.drain()
     await session.aclose()

@@ -142,6 +142,8 @@ class SessionEvents:
             return self.assembler.assistant_message(
                 self._current_speech_id(), item.metrics or {}, at
             )
+        elif kind == "agent_handoff":
+            return self.assembler.agent_entered(at)
         return self.assembler.expire(at)
 
     def _on_speech_created(self, ev: Any, at: float) -> list[Turn]:
@@ -177,15 +179,21 @@ class SessionEvents:
             return []
         metadata = getattr(m, "metadata", None)
         # LLMMetrics says prompt/completion_tokens, RealtimeModelMetrics input/output_tokens
+        speech_id = getattr(m, "speech_id", None)
+        ended_at = m.timestamp
         if kind == "llm_metrics":
             input_tokens = getattr(m, "prompt_tokens", None)
             output_tokens = getattr(m, "completion_tokens", None)
         else:
             input_tokens = getattr(m, "input_tokens", None)
             output_tokens = getattr(m, "output_tokens", None)
+            # LiveKit stamps no speech on realtime metrics: they arrive as the reply's response
+            # ends, while its speech is current; their timestamp is the response's creation
+            speech_id = speech_id or self._current_speech_id()
+            ended_at = m.timestamp + m.duration
         return self.assembler.llm_metrics(
-            getattr(m, "speech_id", None),
-            ended_at=m.timestamp,
+            speech_id,
+            ended_at=ended_at,
             duration_s=m.duration,
             ttft_s=m.ttft,
             model=getattr(metadata, "model_name", None),

@@ -101,6 +101,7 @@ MAX_TRACKED_SPEECHES = 64
 MAX_LATENCY_S = 120.0  # a stage longer than this is a broken clock, not a slow agent
 MAX_CLOCK_SKEW_S = 600.0  # an event timestamp further than this from its arrival is broken
 MAX_REPLY_S = 3600.0  # a reply playing longer than this has lost its end
+MIN_VAD_BACKDATE_S = 0.001  # a local VAD back-dates its end of speech by its silence window
 MAX_COUNT = 10_000  # tool calls or tokens beyond this in one reply: a broken counter
 _EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency")
 
@@ -182,6 +183,7 @@ class TurnAssembler:
         self._open: OrderedDict[str, _Speech] = OrderedDict()
         self._evicted: list[Turn] = []  # completed early to keep memory bounded; returned next
         self._unclaimed: _PendingTurn | None = None  # a user turn whose reply is not created yet
+        self._entered = False  # a handoff happened and the new agent has not spoken yet
         self._closed = False
 
     # -- inputs -------------------------------------------------------------------------------
@@ -191,10 +193,20 @@ class TurnAssembler:
         speech = self._speech(speech_id)
         speech.created_at = at
         speech.said = said
+        entered, self._entered = self._entered, False
         unclaimed = self._unclaimed
         if unclaimed is not None and self._can_answer(speech):  # committed before its reply
             self._unclaimed = None
             self._answer(speech, unclaimed)
+        elif entered and speech.turn is None and not speech.emitted:
+            self._claim_waiting_turn(speech)
+        return self.expire(at)
+
+    def agent_entered(self, at: float) -> list[Turn]:
+        """A new Agent or AgentTask took over (a handoff). As in LiveKit, the first speech it
+        makes (its on_enter's say or reply) answers the user turn still waiting for audio: a
+        task's question is what the caller hears next, not the parent's reply after the task."""
+        self._entered = True
         return self.expire(at)
 
     def user_state(self, new_state: str, created_at: float, at: float) -> list[Turn]:
@@ -221,8 +233,11 @@ class TurnAssembler:
         if speech_end is None:
             speech_end = at  # typed input: nothing is measured from a speech end
         stages: dict[str, Stage] = {}
-        if spoken and self._vad is not None and speech_end - 0.05 <= self._vad[1] <= at:
-            self._add_stage(stages, "vad", speech_end, self._vad[1])
+        vad = self._vad
+        # a decision stamped when it arrived (a realtime model's server VAD) measures nothing
+        backdated = vad is not None and vad[1] - vad[0] >= MIN_VAD_BACKDATE_S
+        if spoken and vad is not None and backdated and speech_end - 0.05 <= vad[1] <= at:
+            self._add_stage(stages, "vad", speech_end, vad[1])
         self._vad = None
         for component, key in (("stt", "transcription_delay"), ("eou", "end_of_turn_delay")):
             delay = self._duration(key, metrics.get(key)) if spoken else None
@@ -326,7 +341,9 @@ class TurnAssembler:
         self, speech_id: str | None, started_at: float, ended_at: float, calls: int, at: float
     ) -> list[Turn]:
         # LiveKit runs tools outside the current-speech slot: default to the reply in flight
-        speech = self._speech(speech_id) if speech_id else self._reply_in_flight()
+        speech = self._speeches.get(speech_id) if speech_id else None
+        if speech is None or speech.completed:
+            speech = self._reply_in_flight()
         if speech is None or speech.completed:
             self.skipped["tools_without_reply"] += 1
             return self.expire(at)
@@ -418,6 +435,17 @@ class TurnAssembler:
     def _can_answer(speech: _Speech) -> bool:
         return not (speech.said or speech.turn is not None or speech.emitted or speech.done)
 
+    def _claim_waiting_turn(self, speech: _Speech) -> None:
+        waiting = next(
+            (s for s in reversed(self._pending.values()) if s.first_audio_at is None),
+            None,
+        )
+        if waiting is None or waiting is speech or waiting.turn is None:
+            return
+        turn, waiting.turn = waiting.turn, None
+        del self._pending[waiting.speech_id]
+        self._answer(speech, turn)
+
     def _answer(self, speech: _Speech, turn: _PendingTurn) -> None:
         speech.turn = turn
         self._pending[speech.speech_id] = speech
@@ -435,8 +463,8 @@ class TurnAssembler:
         ]
 
     def _reply_in_flight(self) -> _Speech | None:
-        pending = next(reversed(self._pending.values()), None)
-        return pending if pending is not None else next(reversed(self._open.values()), None)
+        """The newest reply still going: the one a tool run outside the speech slot serves."""
+        return next((s for s in reversed(self._speeches.values()) if not s.done), None)
 
     def _take_index(self) -> int:
         index, self._next_index = self._next_index, self._next_index + 1

@@ -21,7 +21,11 @@ import lk_observe
 from lk_observe.demo import GroundTruth, ScriptedTurn, build_pipeline, run_pipeline
 from tests.otel import memory_tracing
 
-E2E_TOLERANCE_MS = 1.0  # against LiveKit's e2e_latency / llm_node_ttft / tts_node_ttfb
+E2E_TOLERANCE_MS = 1.0  # against LiveKit's e2e_latency and tts_node_ttfb: the same timestamps
+# ours is the LLM plugin's own ttft, LiveKit's the LLM node's: two points a loaded machine
+# can hold a few ms apart
+LLM_TOLERANCE_MS = 5.0
+TRUTH_TOLERANCE_MS = 10.0  # against the scripted pipeline's own clocks (asyncio timer jitter)
 PLAYED_TOLERANCE_MS = 1.0
 
 
@@ -107,7 +111,10 @@ def assert_agrees_with_livekit(played: Played) -> None:
         if turn.played_ms is None:
             continue
         lk = livekit_reply(played, turn).metrics or {}
-        if "e2e_latency" in lk or "e2e" in turn.latency_ms:
+        # LiveKit can lose it (after a task, #7157): ours stays; it sometimes gives the parent's
+        # reply after an AgentTask the e2e of the caller's answer, which lk_observe reports as
+        # the task's turn (docs/contract-notes.md)
+        if "e2e_latency" in lk and turn.kind == "user":
             assert turn.latency_ms["e2e"] == pytest.approx(
                 lk["e2e_latency"] * 1000, abs=E2E_TOLERANCE_MS
             )
@@ -117,7 +124,7 @@ def assert_agrees_with_livekit(played: Played) -> None:
             )
         if "llm_node_ttft" in lk and turn.llm_rounds:
             assert turn.latency_ms["llm_ttft"] == pytest.approx(
-                lk["llm_node_ttft"] * 1000, abs=E2E_TOLERANCE_MS
+                lk["llm_node_ttft"] * 1000, abs=LLM_TOLERANCE_MS
             )
         else:
             assert "llm_ttft" not in turn.latency_ms  # no LLM ran for it: nothing carried over
@@ -188,7 +195,9 @@ def test_a_reply_cut_off_after_its_first_audio_is_interrupted(barge_in: Played) 
 def test_barge_in_figures_agree_with_livekit_and_the_truth(barge_in: Played) -> None:
     assert_agrees_with_livekit(barge_in)
     for turn, truth in zip(barge_in.turns[1:], barge_in.truth.turns, strict=True):
-        assert turn.latency_ms["e2e"] == pytest.approx(truth.latency_ms()["e2e"], abs=5.0)
+        assert turn.latency_ms["e2e"] == pytest.approx(
+            truth.latency_ms()["e2e"], abs=TRUTH_TOLERANCE_MS
+        )
 
 
 # -- a filler said from on_user_turn_completed, and an LLM that speaks before its tool --------
@@ -220,8 +229,10 @@ def test_the_user_turn_behind_a_filler_is_answered_by_the_llm_reply(
     assert len(user_turns) == 3
     second = user_turns[1]
     truth = filler_and_tool.truth.turns[1].latency_ms()
-    assert second.latency_ms["e2e"] == pytest.approx(truth["e2e"], abs=5.0)  # to the answer
-    assert second.latency_ms["llm_ttft"] == pytest.approx(truth["llm_ttft"], abs=5.0)
+    assert second.latency_ms["e2e"] == pytest.approx(
+        truth["e2e"], abs=TRUTH_TOLERANCE_MS
+    )  # to the answer
+    assert second.latency_ms["llm_ttft"] == pytest.approx(truth["llm_ttft"], abs=TRUTH_TOLERANCE_MS)
 
 
 def test_a_tool_called_after_the_first_words_belongs_to_the_turn(filler_and_tool: Played) -> None:
@@ -283,7 +294,9 @@ def test_turns_keep_flowing_across_a_handoff_with_the_active_agent_named(handoff
         "scripted_specialist",
     ]
     for turn, truth in zip(handoff.turns, handoff.truth.turns, strict=True):
-        assert turn.latency_ms["e2e"] == pytest.approx(truth.latency_ms()["e2e"], abs=5.0)
+        assert turn.latency_ms["e2e"] == pytest.approx(
+            truth.latency_ms()["e2e"], abs=TRUTH_TOLERANCE_MS
+        )
     assert handoff.turns[0].tool_calls == 1 and handoff.turns[0].llm_rounds == 2
     root = next(
         s
@@ -310,7 +323,36 @@ def test_a_false_interruption_that_resumes_is_not_an_interruption() -> None:
         == 0.0
     )
     for turn, truth in zip(played.turns, played.truth.turns, strict=True):
-        assert turn.latency_ms["e2e"] == pytest.approx(truth.latency_ms()["e2e"], abs=5.0)
+        assert turn.latency_ms["e2e"] == pytest.approx(
+            truth.latency_ms()["e2e"], abs=TRUTH_TOLERANCE_MS
+        )
     assert second.index == 2 and not played.handle.skipped
     assert_agrees_with_livekit(played)
     assert_every_turn_once_in_order(played)
+
+
+# -- an AgentTask run from a tool: it asks, the caller answers, the parent replies -------------
+
+
+@pytest.fixture(scope="module")
+def task() -> Played:
+    return play([ScriptedTurn(task=True), ScriptedTurn(), ScriptedTurn()])
+
+
+def test_a_task_keeps_every_turn_and_its_question_answers_the_users_turn(task: Played) -> None:
+    asked, answered, parent_reply, last = sorted(task.turns, key=lambda t: t.index)
+    # the caller hears the task's question first: LiveKit gives it the turn's e2e too
+    assert asked.kind == "user" and not asked.interrupted and asked.played_ms is not None
+    assert asked.active_agent == "consent_task"
+    assert asked.latency_ms["e2e"] == pytest.approx(
+        task.truth.turns[0].latency_ms()["e2e"], abs=TRUTH_TOLERANCE_MS
+    )
+    # the caller's answer: the task's LLM calls `confirm`, no speech
+    assert answered.kind == "user" and answered.tool_calls == 1 and "e2e" not in answered.latency_ms
+    # the parent's reply once the task is done: its tool and both LLM rounds, never dropped
+    assert parent_reply.kind == "agent" and parent_reply.tool_calls == 1
+    assert parent_reply.llm_rounds == 2 and not parent_reply.interrupted
+    assert last.kind == "user" and last.played_ms is not None
+    assert not task.handle.skipped
+    assert_agrees_with_livekit(task)
+    assert_every_turn_once_in_order(task)

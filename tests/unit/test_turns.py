@@ -734,3 +734,30 @@ def test_a_reply_evicted_before_its_end_is_completed_not_lost() -> None:
     [turn] = complete(out)
     assert turn.speech_id == "s1" and turn.complete
     assert a.skipped["evicted_unfinished_reply"] == 1
+
+
+def test_what_a_new_agent_says_first_answers_the_waiting_user_turn() -> None:
+    """An AgentTask started from a tool: its question is what the caller hears next (LiveKit
+    gives that speech the user turn's e2e too); the parent's reply after the task is its own."""
+    a = TurnAssembler()
+    _speech_and_user(a)  # s1 answers the user turn, then calls a tool that runs a task
+    a.agent_entered(at=1002.7)  # the task takes over
+    a.speech_created("ask", at=1002.71, said=True)  # its on_enter says its question
+    [question] = a.agent_speaking("ask", FIRST_AUDIO, {}, at=FIRST_AUDIO)
+    assert question.kind == "user" and question.index == 1
+    assert question.latency_ms["e2e"] == pytest.approx(466.7)
+    [asked] = a.speech_done("ask", interrupted=False, at=1003.4)  # the question played out
+    assert asked.complete and asked.index == 1
+    assert a.tools_executed(None, 1003.0, 1004.0, 1, at=1004.0) == []  # the parent's tool
+    [parent] = a.agent_speaking("s1", 1004.5, {}, at=1004.5)
+    assert parent.kind == "agent" and parent.index == 2 and "e2e" not in parent.latency_ms
+    [done] = a.speech_done("s1", interrupted=False, at=1005.0)
+    assert done.tool_calls == 1 and not a.skipped
+
+
+def test_a_handoff_with_no_user_turn_waiting_changes_nothing() -> None:
+    a = TurnAssembler()
+    a.agent_entered(at=1000.0)  # the session's first agent starts
+    a.speech_created("hello", at=1000.1)
+    [greeting] = a.agent_speaking("hello", 1000.5, {}, at=1000.5)
+    assert greeting.kind == "agent" and greeting.index == 1

@@ -234,7 +234,18 @@ def alertmanager_config(hook_url: str) -> dict[str, Any]:
     config["route"].update(group_wait="0s", group_interval="1s", repeat_interval="1h")
     for child in config["route"]["routes"]:
         child["group_wait"] = "0s"
+    # The example holds a ticket back while a page fires for the same SLO and agent; compressed
+    # into minutes, the p95 page and the slow burn fire within a second of each other, and which
+    # comes first is a race. Routing is what this measures (the inhibition is checked apart).
+    config.pop("inhibit_rules", None)
     return config
+
+
+def test_the_example_holds_tickets_back_while_the_same_slo_pages() -> None:
+    [rule] = alertmanager_example()["inhibit_rules"]
+    assert rule["source_matchers"] == ['severity="page"']
+    assert rule["target_matchers"] == ['severity="ticket"']
+    assert set(rule["equal"]) == {"slo", "agent"}
 
 
 # --- The stack ----------------------------------------------------------------------------

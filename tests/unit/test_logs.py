@@ -300,3 +300,15 @@ def test_processors_work_for_stdlib_records_through_processor_formatter() -> Non
         std.removeHandler(handler)
     record = json.loads(stream.getvalue())
     assert record["event"] == f"retrying with key {REDACTED}"
+
+
+def test_an_interrupted_reply_logs_what_played_and_who_spoke() -> None:
+    event = log_one(make_turn(interrupted=True, played_ms=1234.56, active_agent="specialist"))
+    assert event["interrupted"] is True
+    assert event["played_ms"] == 1234.6
+    assert event["active_agent"] == "specialist"
+
+
+def test_a_reply_that_never_played_logs_no_played_time() -> None:
+    event = log_one(make_turn(interrupted=True, played_ms=None))
+    assert "played_ms" not in event and "active_agent" not in event

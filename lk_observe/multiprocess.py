@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import Metric
 from prometheus_client import multiprocess as prometheus_multiprocess
@@ -451,6 +451,56 @@ class MergedView:
     processes: int  # other processes' snapshots merged in
 
 
+class _FileInfo(Protocol):
+    @property
+    def path(self) -> str: ...
+    @property
+    def mtime_ns(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+
+
+_FileT = TypeVar("_FileT", bound=_FileInfo)
+_ParsedT = TypeVar("_ParsedT")
+_FileKey = tuple[str, int, int]  # path, mtime_ns, size: a file that changed is a new key
+
+
+def _read_through(
+    files: Iterable[_FileT],
+    cache: dict[_FileKey, _ParsedT | str],
+    load: Callable[[str], _ParsedT | str | None],
+    skip: Callable[[str, str], None],
+    *,
+    max_total_bytes: int,
+    max_cached_bytes: int,
+) -> tuple[dict[_FileKey, _ParsedT | str], list[tuple[_FileT, _ParsedT]]]:
+    """Each file's parsed content, reading only files changed since the last call (`cache`),
+    at most `max_total_bytes` of them; why a file is skipped goes to `skip(reason, path)`.
+    Returns the cache for the next call (files of this listing only) and what parsed."""
+    budget, cached_bytes = max_total_bytes, 0
+    kept: dict[_FileKey, _ParsedT | str] = {}
+    parsed: list[tuple[_FileT, _ParsedT]] = []
+    for file in files:
+        key = (file.path, file.mtime_ns, file.size)
+        entry = cache.get(key)
+        if entry is None:
+            if budget < file.size:
+                skip("over_limit", file.path)
+                continue
+            budget -= file.size
+            entry = load(file.path)
+            if entry is None:
+                continue  # gone meanwhile
+        if cached_bytes + file.size <= max_cached_bytes:
+            kept[key] = entry
+            cached_bytes += file.size
+        if isinstance(entry, str):
+            skip(entry, file.path)
+        else:
+            parsed.append((file, entry))
+    return kept, parsed
+
+
 @dataclass(frozen=True)
 class _Candidate:
     path: str
@@ -532,29 +582,17 @@ class SnapshotReader:
         own = self._merge_own()
         merged, recent = own.monitor, own.recent
         processes = 0
-        budget = self._max_total_bytes
-        parsed_before, self._parsed = self._parsed, {}
-        cached_bytes = 0
-        for candidate in self._candidates():
-            key = (candidate.path, candidate.mtime_ns, candidate.size)
-            # A file unchanged since the last merge (every final one, most live ones at the
-            # page's poll rate) is not read or validated again.
-            entry = parsed_before.get(key)
-            if entry is None:
-                if budget < candidate.size:
-                    self._count("over_limit", candidate.path)
-                    continue
-                budget -= candidate.size
-                entry = self._load(candidate.path)
-                if entry is None:
-                    continue
-            if cached_bytes + candidate.size <= _MAX_CACHED_BYTES:
-                self._parsed[key] = entry
-                cached_bytes += candidate.size
-            if isinstance(entry, str):
-                self._count(entry, candidate.path)
-                continue
-            series, cleaned = entry
+        # a file unchanged since the last merge (every final one, most live ones at the page's
+        # poll rate) is not read or validated again
+        self._parsed, loaded = _read_through(
+            self._candidates(),
+            self._parsed,
+            self._load,
+            self._count,
+            max_total_bytes=self._max_total_bytes,
+            max_cached_bytes=_MAX_CACHED_BYTES,
+        )
+        for candidate, (series, cleaned) in loaded:
             try:
                 merged.merge_parsed(series)
             except SnapshotError as exc:
@@ -941,29 +979,16 @@ class ExemplarReader:
             )
 
     def _load_files(self) -> list[dict[ExemplarKey, KeptExemplar]]:
-        budget = self._max_total_bytes
-        parsed_before, self._parsed = self._parsed, {}
-        cached_bytes = 0
-        loaded: list[dict[ExemplarKey, KeptExemplar]] = []
-        for candidate in self._files():
-            key = (candidate.path, candidate.mtime_ns, candidate.size)
-            entry = parsed_before.get(key)  # an unchanged file is not read or parsed again
-            if entry is None:
-                if budget < candidate.size:
-                    self._count("over_limit", candidate.path)
-                    continue
-                budget -= candidate.size
-                entry = self._load(candidate.path)
-                if entry is None:
-                    continue
-            if cached_bytes + candidate.size <= _MAX_EXEMPLAR_CACHED_BYTES:
-                self._parsed[key] = entry
-                cached_bytes += candidate.size
-            if isinstance(entry, str):
-                self._count(entry, candidate.path)
-                continue
-            loaded.append(entry)
-        return loaded
+        # an unchanged file is not read or parsed again
+        self._parsed, loaded = _read_through(
+            self._files(),
+            self._parsed,
+            self._load,
+            self._count,
+            max_total_bytes=self._max_total_bytes,
+            max_cached_bytes=_MAX_EXEMPLAR_CACHED_BYTES,
+        )
+        return [entries for _, entries in loaded]
 
     def _load(self, path: str) -> dict[ExemplarKey, KeptExemplar] | str | None:
         """A file's validated exemplars, or why it is skipped (None: gone meanwhile)."""

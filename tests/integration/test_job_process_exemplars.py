@@ -92,6 +92,8 @@ def store_for(directory: Path, pid: int, **kwargs: Any) -> ExemplarStore:
     store = ExemplarStore(str(directory), **kwargs)
     store.pid = pid
     store.path = str(directory / f"exemplars_{pid}.json")
+    # its own temporary file too: two stores in one test process must not share one
+    store._temp = str(directory / f".exemplars_{pid}.json.tmp")
     return store
 
 

@@ -224,7 +224,13 @@ class _ThrottledWriter:
     _thread_name = "lk-observe-writer"
     _what = "file"  # for the failure log line
 
-    def __init__(self, min_interval_s: float) -> None:
+    def __init__(self, directory: str, file_stem: str, min_interval_s: float) -> None:
+        self.directory = directory
+        self.pid = os.getpid()
+        self.path = os.path.join(directory, f"{file_stem}_{self.pid}.json")
+        self._temp = os.path.join(directory, f".{file_stem}_{self.pid}.json.tmp")
+        self._write_lock = threading.Lock()
+        self.last_bytes = 0
         self._min_interval_s = min_interval_s
         self._cond = threading.Condition()
         self._dirty = False
@@ -262,6 +268,17 @@ class _ThrottledWriter:
 
     def write(self, *, final: bool = False, timeout_s: float = -1) -> int:
         raise NotImplementedError
+
+    def _replace_file(self, data: bytes) -> int:
+        """Write `data` to a temporary file and rename it over the file: whole or not at all.
+        Call it holding `_write_lock`."""
+        os.makedirs(self.directory, exist_ok=True)
+        with open(self._temp, "wb") as file:
+            file.write(data)
+        os.replace(self._temp, self.path)
+        self.writes += 1
+        self.last_bytes = len(data)
+        return len(data)
 
     def _run(self) -> None:
         while True:
@@ -303,19 +320,13 @@ class SnapshotWriter(_ThrottledWriter):
         max_bytes: int = MAX_SNAPSHOT_BYTES,
         recent_turns: int = SNAPSHOT_RECENT_TURNS,
     ) -> None:
-        super().__init__(min_interval_s)
+        super().__init__(directory, "monitor", min_interval_s)
         self.monitor = monitor
-        self.directory = directory
-        self.pid = os.getpid()
-        self.path = os.path.join(directory, f"monitor_{self.pid}.json")
-        self._temp = os.path.join(directory, f".monitor_{self.pid}.json.tmp")
         self._recent = recent
         self._max_bytes = max_bytes
         self._recent_turns = recent_turns
-        self._write_lock = threading.Lock()
         self._finalized = False
         self.truncated = 0  # series left out of size-capped snapshots, in total
-        self.last_bytes = 0
         self._warned_at = -math.inf
 
     def write(self, *, final: bool = False, timeout_s: float = -1) -> int:
@@ -325,19 +336,13 @@ class SnapshotWriter(_ThrottledWriter):
         try:
             if self._finalized:
                 return 0
-            data = self._encode(final)
-            os.makedirs(self.directory, exist_ok=True)
-            with open(self._temp, "wb") as file:
-                file.write(data)
-            os.replace(self._temp, self.path)
+            written = self._replace_file(self._encode(final))
             if final:
                 # A rename keeps the file under one name at any moment: never counted twice.
                 final_name = f"monitor_{self.pid}.{time.time_ns()}.final.json"
                 os.replace(self.path, os.path.join(self.directory, final_name))
                 self._finalized = True
-            self.writes += 1
-            self.last_bytes = len(data)
-            return len(data)
+            return written
         finally:
             self._write_lock.release()
 
@@ -769,19 +774,13 @@ class ExemplarStore(_ThrottledWriter):
         max_entries: int = MAX_EXEMPLARS,
         max_bytes: int = MAX_EXEMPLAR_BYTES,
     ) -> None:
-        super().__init__(min_interval_s)
-        self.directory = directory
-        self.pid = os.getpid()
-        self.path = os.path.join(directory, f"exemplars_{self.pid}.json")
-        self._temp = os.path.join(directory, f".exemplars_{self.pid}.json.tmp")
+        super().__init__(directory, "exemplars", min_interval_s)
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._entries: OrderedDict[ExemplarKey, KeptExemplar] = OrderedDict()
         self._lock = threading.Lock()  # entries: the sink thread adds, the writer thread reads
-        self._write_lock = threading.Lock()
         self.evicted = 0  # samples whose exemplar made room for a newer sample's
         self.truncated = 0  # exemplars left out of size-capped files, in total
-        self.last_bytes = 0
 
     def add(
         self,
@@ -818,14 +817,7 @@ class ExemplarStore(_ThrottledWriter):
         if not self._write_lock.acquire(timeout=timeout_s):
             raise TimeoutError("an exemplar write is stuck")
         try:
-            data = self._encode()
-            os.makedirs(self.directory, exist_ok=True)
-            with open(self._temp, "wb") as file:
-                file.write(data)
-            os.replace(self._temp, self.path)
-            self.writes += 1
-            self.last_bytes = len(data)
-            return len(data)
+            return self._replace_file(self._encode())
         finally:
             self._write_lock.release()
 

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.demo import GroundTruth, ScriptedTurn, build_pipeline, run_pipeline
-from tests.otel import memory_tracing
+from tests.otel import memory_tracing, turn_root
 
 E2E_TOLERANCE_MS = 1.0  # against LiveKit's e2e_latency and tts_node_ttfb: the same timestamps
 # ours is the LLM plugin's own ttft, LiveKit's the LLM node's: two points a loaded machine
@@ -182,11 +182,7 @@ def test_a_reply_cut_off_after_its_first_audio_is_interrupted(barge_in: Played) 
     )
     assert interruptions == 1.0
     assert barge_in.live_e2e == 2  # both user turns' latency went live at first audio
-    root = next(
-        s
-        for s in barge_in.exporter.get_finished_spans()
-        if s.name == "voice.turn" and s.context and s.context.trace_id == cut.trace_id
-    )
+    root = turn_root(barge_in.exporter, cut.trace_id)
     attrs = dict(root.attributes or {})
     assert attrs["voice.turn.interrupted"] is True
     assert attrs["voice.reply.played_ms"] == pytest.approx(cut.played_ms, abs=0.001)
@@ -298,11 +294,7 @@ def test_turns_keep_flowing_across_a_handoff_with_the_active_agent_named(handoff
             truth.latency_ms()["e2e"], abs=TRUTH_TOLERANCE_MS
         )
     assert handoff.turns[0].tool_calls == 1 and handoff.turns[0].llm_rounds == 2
-    root = next(
-        s
-        for s in handoff.exporter.get_finished_spans()
-        if s.name == "voice.turn" and s.context and s.context.trace_id == handoff.turns[1].trace_id
-    )
+    root = turn_root(handoff.exporter, handoff.turns[1].trace_id)
     assert dict(root.attributes or {})["gen_ai.agent.name"] == "scripted_specialist"
     assert not handoff.handle.skipped
     assert_agrees_with_livekit(handoff)

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 import lk_observe
 from lk_observe.turns import tier_for
-from tests.otel import memory_tracing
+from tests.otel import memory_tracing, turn_root
 from tests.realtime import (
     INPUT_TOKENS,
     MODEL,
@@ -186,11 +186,7 @@ def test_a_reply_the_user_cuts_off_after_its_first_audio_is_interrupted(barge_in
     assert cut.played_ms == pytest.approx(1000.0, abs=100.0)  # barge-in 1 s into 2.5 s of audio
     assert barge_in.sample("voice_agent_interruptions_total") == 1.0
     assert barge_in.sample("voice_agent_latency_seconds_count", component="e2e") == 2.0
-    root = next(
-        s
-        for s in barge_in.exporter.get_finished_spans()
-        if s.name == "voice.turn" and s.context and s.context.trace_id == cut.trace_id
-    )
+    root = turn_root(barge_in.exporter, cut.trace_id)
     attrs = dict(root.attributes or {})
     assert attrs["voice.turn.interrupted"] is True
     assert attrs["voice.reply.played_ms"] == pytest.approx(cut.played_ms, abs=0.001)

@@ -608,6 +608,7 @@ class TurnAssembler:
                 full,
                 # what went live stays; figures that came later (a late LLM timing) are added
                 latency_ms={**full.latency_ms, **live.latency_ms},
+                stages={**full.stages, **live.stages},
                 tier=live.tier,
                 interrupted=speech.interrupted,
                 ended_at=ended,
@@ -625,6 +626,11 @@ class TurnAssembler:
             self._add_stage(stages, "e2e", pending.speech_end, speech.first_audio_at)
         if speech.llm_rounds:
             start, first_token = speech.llm_rounds[0]
+            node_ttft = speech.early.get("llm_node_ttft")
+            if node_ttft is not None and speech.tool_calls == 0 and node_ttft <= MAX_LATENCY_S:
+                # the first audio came from this round: LiveKit's llm_node figure is what the
+                # reply waited (from the node's start, before the plugin's request began)
+                start = first_token - node_ttft
             stages["llm_ttft"] = Stage(start, first_token)
         if speech.tts_stage is not None:
             stages["tts_ttfb"] = speech.tts_stage

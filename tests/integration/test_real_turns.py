@@ -24,7 +24,7 @@ from tests.otel import memory_tracing, turn_root
 E2E_TOLERANCE_MS = 1.0  # against LiveKit's e2e_latency and tts_node_ttfb: the same timestamps
 # ours is the LLM plugin's own ttft, LiveKit's the LLM node's: two points a loaded machine
 # can hold a few ms apart
-LLM_TOLERANCE_MS = 5.0
+LLM_TOLERANCE_MS = 1.0  # LiveKit's llm_node_ttft of the round whose audio played first
 TRUTH_TOLERANCE_MS = 10.0  # against the scripted pipeline's own clocks (asyncio timer jitter)
 PLAYED_TOLERANCE_MS = 1.0
 

@@ -79,7 +79,7 @@ def _assert_normal_values(turn: Turn) -> None:
         "vad": 250.7,
         "stt": 151.0,
         "eou": 251.3,
-        "llm_ttft": 251.1,
+        "llm_ttft": 251.2,
         "tts_ttfb": 61.0,
     }
     assert set(turn.latency_ms) == set(expected)
@@ -233,6 +233,18 @@ def test_tool_call_reports_first_round_ttft_and_tool_time() -> None:
     assert turn.tier == "slow"
 
 
+def test_llm_ttft_is_livekits_node_figure_ending_at_the_rounds_first_token() -> None:
+    a = TurnAssembler()
+    turns = _recorded_turn(a)
+    first_token = LLM_ENDED - LLM_DURATION + LLM_TTFT
+    [live_turn] = live(turns)
+    assert live_turn.stages["llm_ttft"].end == pytest.approx(first_token)
+    assert live_turn.stages["llm_ttft"].duration_ms == pytest.approx(EARLY["llm_node_ttft"] * 1e3)
+    [done] = a.speech_done("s1", interrupted=False, at=FIRST_AUDIO + 1.0)
+    assert done.stages["llm_ttft"] == live_turn.stages["llm_ttft"]
+    assert done.latency_ms["llm_ttft"] == pytest.approx(251.2)
+
+
 def test_tool_calls_with_speech_id_accumulate_into_one_tool_stage() -> None:
     a = TurnAssembler()
     _speech_and_user(a)
@@ -364,7 +376,7 @@ def test_user_item_without_metrics_is_an_unspoken_turn_with_no_speech_stages() -
     for component in ("vad", "stt", "eou", "e2e"):
         assert component not in turn.latency_ms and component not in turn.stages
     assert turn.tier is None
-    assert turn.latency_ms["llm_ttft"] == pytest.approx(251.1)
+    assert turn.latency_ms["llm_ttft"] == pytest.approx(251.2)  # LiveKit's llm_node figure
     assert turn.latency_ms["tts_ttfb"] == pytest.approx(61.0)
 
 

@@ -67,7 +67,8 @@ def _representatives() -> tuple[float, ...]:
 
 
 _REPRESENTATIVE: tuple[float, ...] = _representatives()
-_ZEROS = [0] * _N_BUCKETS
+_ZERO_COUNTS = array("I", bytes(4 * _N_BUCKETS))  # copied (a memcpy) for each new slice
+_ZERO_TOTALS = array("q", bytes(8 * _N_BUCKETS))
 
 # Snapshots from another process merge only into the same bucket layout (a different lk_observe
 # version could have other bounds: adding its counts bucket by bucket would be wrong, not close).
@@ -98,12 +99,19 @@ class _Slice:
 
     def reset(self, slice_id: int) -> None:
         self.id = slice_id
-        if self.counts is not None:
-            self.counts = array("I", _ZEROS)
+        counts = self.counts
+        if counts is not None and self.count:
+            first, last = self.used_range()  # zero in place just what was used
+            counts[first : last + 1] = _ZERO_COUNTS[first : last + 1]
         self.count = 0
         self.total = 0.0
         self.low = math.inf
         self.high = -math.inf
+
+    def used_range(self) -> tuple[int, int]:
+        """First and last bucket that can be non-zero: those of its min and max (a call fills a
+        few dozen of the ~730, so dropping or reusing a slice touches those, not all)."""
+        return bisect.bisect_left(_BOUNDS, self.low), bisect.bisect_left(_BOUNDS, self.high)
 
 
 class _Series:
@@ -113,12 +121,17 @@ class _Series:
 
     def __init__(self, slices: int) -> None:
         self.ring = [_Slice() for _ in range(slices)]
-        self.totals = array("q", _ZEROS)
+        self.totals = array("q", _ZERO_TOTALS)
         self.count = 0
 
     def _drop(self, part: _Slice) -> None:
-        if part.count and part.counts is not None:
-            self.totals = array("q", map(operator.sub, self.totals, part.counts))
+        counts = part.counts
+        if part.count and counts is not None:
+            first, last = part.used_range()
+            totals = self.totals
+            totals[first : last + 1] = array(
+                "q", map(operator.sub, totals[first : last + 1], counts[first : last + 1])
+            )
             self.count -= part.count
 
     def add(self, bucket: int, value: float, slice_id: int) -> None:
@@ -127,7 +140,7 @@ class _Series:
             self._drop(part)  # this ring slot held a slice that has left the window
             part.reset(slice_id)
         if part.counts is None:
-            part.counts = array("I", _ZEROS)
+            part.counts = array("I", _ZERO_COUNTS)
         part.counts[bucket] += 1
         part.count += 1
         part.total += value
@@ -155,7 +168,7 @@ class _Series:
             self._drop(part)
             part.reset(slice_id)
         if part.counts is None:
-            part.counts = array("I", _ZEROS)
+            part.counts = array("I", _ZERO_COUNTS)
         counts, totals = part.counts, self.totals
         for bucket, n in pairs:
             counts[bucket] += n
@@ -508,8 +521,7 @@ _NONZERO_BYTE = re.compile(rb"[^\x00]")
 def _used(part: _Slice) -> tuple[int, bytes]:
     """The slice's buckets from its min's to its max's (the rest are zero), as raw bytes."""
     assert part.counts is not None
-    first = bisect.bisect_left(_BOUNDS, part.low)
-    last = bisect.bisect_left(_BOUNDS, part.high)
+    first, last = part.used_range()
     return first, part.counts[first : last + 1].tobytes()
 
 

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import heapq
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -42,12 +44,17 @@ class SinkWorker:
     logging) never run on an agent's event loop, and a slow sink costs queued turns, not lag.
 
     `submit` takes no lock: a lock shared with this thread would make the loop wait out the
-    thread's whole GIL slice whenever they collide.
+    thread's whole GIL slice whenever they collide. Periodic work (the SLO check) is scheduled
+    with `call_at` from the thread itself and runs when due: right after the job that made it
+    due when that is already late enough, otherwise on a timed wake-up. With nothing
+    scheduled, the thread sleeps until the next turn.
     """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.dropped = 0
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # heap, this thread only
+        self._timer_ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="lk-observe-sinks", daemon=True)
         self._thread.start()
 
@@ -57,6 +64,13 @@ class SinkWorker:
             return False
         self._queue.put(job)
         return True
+
+    def call_at(self, due: float, job: Callable[[], None]) -> None:
+        """Run `job` on this thread once `time.monotonic()` reaches `due`. Only from a job
+        running on this thread (the timers are the thread's own, unlocked)."""
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("call_at() is for jobs running on the sink thread")
+        heapq.heappush(self._timers, (due, next(self._timer_ids), job))
 
     def drain(self, timeout: float) -> bool:
         """Wait until every job submitted before this call ran; False on timeout.
@@ -68,14 +82,28 @@ class SinkWorker:
         return reached.wait(timeout)
 
     def _run(self) -> None:
+        timers = self._timers
         while True:
-            job = self._queue.get()
+            job: Callable[[], None] | None = None
             try:
-                job()
-            except Exception:  # jobs guard themselves; this is the last line of defence
-                logger.exception("lk_observe sink job failed")
-            finally:
-                job = None  # type: ignore[assignment]  # don't pin the last session until the next turn
+                if timers:
+                    job = self._queue.get(timeout=max(0.0, timers[0][0] - time.monotonic()))
+                else:
+                    job = self._queue.get()
+            except queue.Empty:
+                pass
+            if job is not None:
+                self._guarded(job)
+                job = None  # don't pin the last session until the next turn
+            while timers and timers[0][0] <= time.monotonic():
+                self._guarded(heapq.heappop(timers)[2])
+
+    @staticmethod
+    def _guarded(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception:  # jobs guard themselves; this is the last line of defence
+            logger.exception("lk_observe sink job failed")
 
 
 _worker: SinkWorker | None = None
@@ -97,37 +125,52 @@ def flush(timeout: float = 5.0) -> bool:
     return sink_worker().drain(timeout)
 
 
-class ThrottledSLOs:
-    """Evaluates the SLOs from the monitor at most once a second (logs a breach once)."""
+class SLOWatch:
+    """The in-process SLO check of one agent on one monitor (its log line and `on_breach`):
+    once a second at most, and only when there is something to look at: after a turn was
+    recorded, and every second while an SLO is breaching (so its end re-arms the next breach).
+    Runs on the sink thread's timer, not in the turn's own sink work; a quiet agent costs
+    nothing. Each check counts turns per SLO, whatever the monitor's window holds."""
 
     def __init__(self, evaluator: SLOEvaluator) -> None:
         self._evaluator = evaluator
-        self._next = 0.0
+        self._last = -math.inf
+        self._scheduled = False
+        self.checks = 0
 
-    def maybe_check(self) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + SLO_CHECK_INTERVAL_S
-        self._evaluator.check()
+    def turn_recorded(self, turn: Turn | None = None) -> None:
+        """A live sink (sink thread): schedule a check if none is due yet."""
+        del turn
+        if not self._scheduled:
+            self._scheduled = True
+            due = max(time.monotonic(), self._last + SLO_CHECK_INTERVAL_S)
+            sink_worker().call_at(due, self._check)
+
+    def _check(self) -> None:
+        self._scheduled = False
+        self._last = time.monotonic()
+        self.checks += 1
+        if self._evaluator.watch():
+            self._scheduled = True
+            sink_worker().call_at(self._last + SLO_CHECK_INTERVAL_S, self._check)
 
 
 # One evaluator per (monitor, agent, SLO set): many sessions of one agent share one breach
 # state. Values are weak, so ever-new agent names cannot grow this.
 _evaluators: weakref.WeakKeyDictionary[
-    LatencyMonitor, weakref.WeakValueDictionary[tuple[str, tuple[SLO, ...]], ThrottledSLOs]
+    LatencyMonitor, weakref.WeakValueDictionary[tuple[str, tuple[SLO, ...]], SLOWatch]
 ] = weakref.WeakKeyDictionary()
 _evaluators_lock = threading.Lock()
 
 
-def slo_check(monitor: LatencyMonitor, agent: str, slos: tuple[SLO, ...]) -> ThrottledSLOs:
-    """The shared, throttled SLO check of `agent`'s sessions on `monitor`."""
+def slo_check(monitor: LatencyMonitor, agent: str, slos: tuple[SLO, ...]) -> SLOWatch:
+    """The shared SLO check of `agent`'s sessions on `monitor`."""
     with _evaluators_lock:
         per_monitor = _evaluators.setdefault(monitor, weakref.WeakValueDictionary())
         key = (agent, slos)
         evaluator = per_monitor.get(key)
         if evaluator is None:
-            evaluator = per_monitor[key] = ThrottledSLOs(SLOEvaluator(slos, monitor, agent=agent))
+            evaluator = per_monitor[key] = SLOWatch(SLOEvaluator(slos, monitor, agent=agent))
         return evaluator
 
 
@@ -177,7 +220,7 @@ class TurnSinks:
         self._live_sinks: list[tuple[str, Sink]] = [
             ("metrics", metrics.observe_turn),
             ("monitor", monitor.record_turn),
-            ("slo", (lambda _turn: slo_checker.maybe_check()) if slo_checker else _no_sink),
+            ("slo", slo_checker.turn_recorded if slo_checker else _no_sink),
             *snapshot,
         ]
         self._complete_sinks: list[tuple[str, Sink]] = [

@@ -487,11 +487,14 @@ def breach_burn_rate(slo: SLO) -> float:
 
 def evaluate(slo: SLO, monitor: CountingMonitor, *, agent: str | None = None) -> SLOStatus:
     """The SLO's standing over the monitor's window, counted exactly at the threshold edge."""
+    return _status(slo, breach_burn_rate(slo), monitor, agent)
+
+
+def _status(slo: SLO, factor: float, monitor: CountingMonitor, agent: str | None) -> SLOStatus:
     good, total = monitor.count_at_or_below(slo.component, slo.threshold_ms, agent=agent)
     bad = total - good
     burn = (bad / total) / slo.error_budget if total else 0.0
     min_turns = traffic_guard(slo, monitor.window_s)
-    factor = breach_burn_rate(slo)
     return SLOStatus(
         name=slo.name,
         component=slo.component,
@@ -512,7 +515,11 @@ def evaluate(slo: SLO, monitor: CountingMonitor, *, agent: str | None = None) ->
 
 
 class SLOEvaluator:
-    """Evaluates SLOs on demand and calls `on_breach` once each time an SLO enters breach."""
+    """Evaluates SLOs on demand and calls `on_breach` once each time an SLO enters breach.
+
+    What does not change between checks (each SLO's breach burn rate and traffic guard) is
+    worked out once; `watch()` is the check without a status per SLO, for the sink thread.
+    """
 
     def __init__(
         self,
@@ -528,21 +535,54 @@ class SLOEvaluator:
         self._agent = agent
         self._lock = threading.Lock()  # check() may run from the loop and an HTTP thread at once
         self._breaching: set[str] = set()
+        window_s = monitor.window_s
+        # (slo, the burn rate that breaches it, the turns the window must hold first)
+        self._plan = tuple(
+            (slo, breach_burn_rate(slo), traffic_guard(slo, window_s)) for slo in self._slos
+        )
 
     @property
     def slos(self) -> tuple[SLO, ...]:
         return self._slos
 
     def check(self) -> list[SLOStatus]:
-        statuses = [evaluate(slo, self._monitor, agent=self._agent) for slo in self._slos]
+        """Every SLO's status; logs (and hands to `on_breach`) each SLO that entered breach."""
+        statuses = [
+            _status(slo, factor, self._monitor, self._agent) for slo, factor, _ in self._plan
+        ]
+        self._update({s.name for s in statuses if s.breaching}, statuses)
+        return statuses
+
+    def watch(self) -> bool:
+        """What `check()` does, counting only: a status is built just for an SLO entering
+        breach. Whether any SLO is breaching."""
+        breaching: set[str] = set()
+        for slo, factor, min_turns in self._plan:
+            good, total = self._monitor.count_at_or_below(
+                slo.component, slo.threshold_ms, agent=self._agent
+            )
+            # the same expression as _status(), so both agree at the edge
+            if total and total >= min_turns and (total - good) / total / slo.error_budget >= factor:
+                breaching.add(slo.name)
+        if breaching - self._breaching:
+            entering = [
+                _status(slo, factor, self._monitor, self._agent)
+                for slo, factor, _ in self._plan
+                if slo.name in breaching
+            ]
+            self._update(breaching, entering)
+        else:
+            with self._lock:
+                self._breaching &= breaching  # re-arm those that ended
+        return bool(breaching)
+
+    def _update(self, breaching: set[str], statuses: list[SLOStatus]) -> None:
         entered: list[SLOStatus] = []
         with self._lock:
             for status in statuses:
                 if status.breaching and status.name not in self._breaching:
-                    self._breaching.add(status.name)
                     entered.append(status)
-                elif not status.breaching:
-                    self._breaching.discard(status.name)  # re-arm: the next breach is news
+            self._breaching = (self._breaching & breaching) | {s.name for s in entered}
         for status in entered:
             logger.warning(
                 "SLO %s breaching: burn rate %.1fx >= %.1fx over %.0fs (%d/%d turns <= %.0f ms)",
@@ -561,4 +601,3 @@ class SLOEvaluator:
             except Exception:
                 # A user's hook must never break evaluation or the agent calling it.
                 logger.exception("on_breach hook raised for SLO %s", status.name)
-        return statuses

@@ -27,6 +27,7 @@ CHILD_SPANS = {
 }
 _LLM_ROUND_PREFIX = "llm_round_"
 _NEW_TRACE = otel_context.Context()  # an empty context: no parent span
+_UNSET = object()
 
 
 def _ns(seconds: float) -> int:
@@ -101,23 +102,26 @@ class TurnTracer:
         from lk_observe import __version__
 
         self._tracer = trace.get_tracer(TRACER_NAME, __version__, tracer_provider=tracer_provider)
-        # live turns whose reply has not ended: (session, index) -> root span
-        self._open: OrderedDict[tuple[str, int], Span] = OrderedDict()
+        # live turns whose reply has not ended: (session, index) -> root span, its attributes
+        self._open: OrderedDict[tuple[str, int], tuple[Span, dict[str, AttributeValue]]] = (
+            OrderedDict()
+        )
 
     def start(self, turn: Turn, link_to: SpanContext | None = None) -> SpanContext | None:
         """Open the turn's root span (at its live report); returns its context, None from a
         no-op provider."""
+        attributes = root_attributes(turn)
         root = self._tracer.start_span(
             ROOT_SPAN,
             context=_NEW_TRACE,  # each turn is its own trace
             kind=SpanKind.INTERNAL,
-            attributes=root_attributes(turn),
+            attributes=attributes,
             links=[Link(link_to)] if link_to is not None and link_to.is_valid else None,
             start_time=_ns(_start(turn)),
         )
-        self._open[(turn.session_id, turn.index)] = root
+        self._open[(turn.session_id, turn.index)] = (root, attributes)
         if len(self._open) > MAX_OPEN_TURNS:  # replies that never end must not pile up
-            _, oldest = self._open.popitem(last=False)
+            _, (oldest, _) = self._open.popitem(last=False)
             oldest.end()
         span_context = root.get_span_context()
         return span_context if span_context.is_valid else None
@@ -129,11 +133,17 @@ class TurnTracer:
         overruns_ms: Mapping[str, float] | None = None,
     ) -> SpanContext | None:
         """Write the complete turn: the children, the final attributes, the root's end."""
-        root = self._open.pop((turn.session_id, turn.index), None)
-        if root is None:
+        opened = self._open.pop((turn.session_id, turn.index), None)
+        if opened is None:
             self.start(turn, link_to)
-            root = self._open.pop((turn.session_id, turn.index))
-        root.set_attributes(root_attributes(turn, overruns_ms))
+            opened = self._open.pop((turn.session_id, turn.index))
+        root, live_attributes = opened
+        # only what the reply's end changed (played_ms, tools, later rounds): each attribute
+        # set costs the SDK a validation
+        final = root_attributes(turn, overruns_ms)
+        changed = {k: v for k, v in final.items() if live_attributes.get(k, _UNSET) != v}
+        if changed:
+            root.set_attributes(changed)
         parent = trace.set_span_in_context(root)
         # creation order is irrelevant: every child carries its own start and end time
         for key, stage in turn.stages.items():

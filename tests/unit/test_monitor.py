@@ -172,6 +172,28 @@ def test_ring_slot_reuse_drops_the_old_slice_on_record() -> None:
     assert (stats["count"], stats["min"], stats["max"]) == (1, 200.0, 200.0)
 
 
+def test_window_matches_a_plain_list_through_many_ring_wraps() -> None:
+    # slices are dropped and reused in place (only their used buckets are touched): the counts
+    # must stay those of exactly the samples still in the window, whatever their spread
+    rng = random.Random(7)
+    clock = FakeClock(0.0)
+    monitor = LatencyMonitor(window_s=30.0, slices=3, clock=clock)
+    kept: list[tuple[float, float]] = []
+    for step in range(600):
+        clock.now = step * 0.7
+        value = rng.choice([rng.uniform(0.0, 0.2), rng.lognormvariate(6.0, 1.5), 200_000.0])
+        monitor.record("e2e", value)
+        kept.append((clock.now, value))
+        oldest_slice = int(clock.now // 10.0) - 2
+        live = [v for t, v in kept if int(t // 10.0) >= oldest_slice]
+        threshold = rng.choice(LATENCY_BUCKETS_S) * 1000.0
+        good, total = monitor.count_at_or_below("e2e", threshold)
+        assert total == len(live)
+        assert good == sum(v <= threshold for v in live)
+        stats = monitor.get_stats("e2e")
+        assert (stats["min"], stats["max"]) == (min(live), max(live))
+
+
 def test_clock_stepping_back_does_not_resurrect_or_lose_samples() -> None:
     clock = FakeClock(100.0)
     monitor = LatencyMonitor(window_s=30.0, slices=3, clock=clock)

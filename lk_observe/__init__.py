@@ -31,6 +31,7 @@ from lk_observe.presets import (
     speed_profile,
     vad_preset,
 )
+from lk_observe.sampling import TraceSampling
 from lk_observe.server import Server, add_readiness_check, create_app, serve
 from lk_observe.sinks import flush
 from lk_observe.slo import (
@@ -69,6 +70,7 @@ __all__ = [
     "Server",
     "SpeedProfile",
     "Stage",
+    "TraceSampling",
     "Turn",
     "TurnLogger",
     "VADPreset",

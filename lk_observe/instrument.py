@@ -27,6 +27,7 @@ from lk_observe.livekit_events import OBSERVED_EVENTS, SessionEvents, add_job_sh
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor, default_monitor
 from lk_observe.otlp import flush_tracing
+from lk_observe.sampling import TraceSampling, TurnSampler
 from lk_observe.sinks import TurnHook, TurnSinks, sink_worker
 from lk_observe.slo import DEFAULT_SLOS, SLO
 from lk_observe.tracing import TurnTracer
@@ -49,8 +50,10 @@ class InstrumentHandle:
         monitor: LatencyMonitor,
         slos: tuple[SLO, ...],
         on_turn: TurnHook | None,
+        trace_sampling: TraceSampling | None = None,
     ) -> None:
         self.session_id = uuid.uuid4().hex
+        self.trace_sampling = trace_sampling
         self.agent_name = agent_name
         self.slos = slos
         self.monitor = monitor
@@ -64,6 +67,7 @@ class InstrumentHandle:
             monitor=monitor,
             slos=slos,
             on_turn=on_turn,
+            sampler=None if trace_sampling is None else TurnSampler(trace_sampling, slos),
         )
         self.events = SessionEvents(
             session,
@@ -105,6 +109,8 @@ class InstrumentHandle:
         self._flush_on_job_exit()
         self.metrics.session_started(self.agent_name)
         self.metrics.export_components(self.agent_name, {slo.component for slo in self.slos})
+        if self.trace_sampling is not None:
+            self.metrics.export_sampling(self.agent_name)
 
     def uninstrument(self) -> None:
         """Stop observing: restore the session's emit and finish what was pending."""
@@ -200,10 +206,14 @@ def instrument(
     monitor: LatencyMonitor | None = None,
     slos: Iterable[SLO] | None = None,
     on_turn: TurnHook | None = None,
+    trace_sampling: TraceSampling | None = None,
 ) -> InstrumentHandle:
     """Observe `session` (a livekit.agents.AgentSession, before or after start()).
 
-    Instrumenting the same session twice returns the first handle unchanged.
+    `trace_sampling`: keep only the traces worth reading (slow, interrupted, failed and
+    tool-calling turns, and a fraction of the rest); default: from LK_OBSERVE_TRACE_KEEP_FRACTION
+    / LK_OBSERVE_TRACE_SLOWER_THAN_MS, else every trace. Instrumenting the same session twice
+    returns the first handle unchanged.
     """
     if isinstance(session, type) or not callable(getattr(session, "emit", None)):
         raise TypeError(f"instrument() needs a livekit AgentSession, got {session!r}")
@@ -211,6 +221,11 @@ def instrument(
         raise ValueError("agent_name must be a non-empty string")
     if on_turn is not None and not callable(on_turn):
         raise TypeError("on_turn must be callable")
+    if trace_sampling is not None and not isinstance(trace_sampling, TraceSampling):
+        raise TypeError(
+            "trace_sampling must be a lk_observe.TraceSampling, "
+            f"got {type(trace_sampling).__name__}"
+        )
     slo_specs = tuple(DEFAULT_SLOS if slos is None else slos)
     for spec in slo_specs:
         if not isinstance(spec, SLO):
@@ -226,6 +241,7 @@ def instrument(
         monitor=monitor if monitor is not None else default_monitor(),
         slos=slo_specs,
         on_turn=on_turn,
+        trace_sampling=trace_sampling if trace_sampling is not None else TraceSampling.from_env(),
     )
     handle._attach(session)
     return handle

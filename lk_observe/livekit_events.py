@@ -162,8 +162,9 @@ class SessionEvents:
 
     def _on_error(self, ev: Any, at: float) -> list[Turn]:
         error = ev.error
-        self._count_error(str(getattr(error, "type", None) or type(error).__name__))
-        return self.assembler.expire(at)
+        error_type = str(getattr(error, "type", None) or type(error).__name__)
+        self._count_error(error_type)
+        return self.assembler.error(error_type, at)
 
     def _on_close(self, ev: Any, at: float) -> list[Turn]:
         self.close(at)

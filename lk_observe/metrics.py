@@ -149,6 +149,13 @@ class LatencyMetrics:
             registry=registry,
         )
         self._interruptions_by_agent: dict[str, Counter] = {}
+        self.traces_sampled_out = Counter(
+            promql.TRACES_SAMPLED_OUT_METRIC,
+            "Finished turns whose trace trace sampling did not keep (their latency still counts)",
+            ["agent"],
+            registry=registry,
+        )
+        self._sampled_out_by_agent: dict[str, Counter] = {}
         self.budget_overruns = Counter(
             promql.BUDGET_OVERRUNS_METRIC,
             "Turns whose component latency exceeded its budget",
@@ -235,6 +242,21 @@ class LatencyMetrics:
             return
         agent = (self._series_by_raw.get(turn.agent) or self._series_for(turn.agent)).agent
         self._interruptions_child(agent).inc()
+
+    def trace_sampled_out(self, agent: str) -> None:
+        """A finished turn whose trace was not kept."""
+        self._sampled_out_child(agent).inc()
+
+    def export_sampling(self, agent: str) -> None:
+        """Export the sampled-out count at zero for a session that samples its traces."""
+        self._sampled_out_child(agent)
+
+    def _sampled_out_child(self, agent: str) -> Counter:
+        key = (self._series_by_raw.get(agent) or self._series_for(agent)).agent
+        child = self._sampled_out_by_agent.get(key)
+        if child is None:  # agent labels are bounded by the cardinality guard
+            child = self._sampled_out_by_agent[key] = self.traces_sampled_out.labels(agent=key)
+        return child
 
     def _interruptions_child(self, agent: str) -> Counter:
         child = self._interruptions_by_agent.get(agent)

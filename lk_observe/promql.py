@@ -30,6 +30,7 @@ SESSIONS_METRIC = "voice_agent_sessions_total"
 ERRORS_METRIC = "voice_agent_errors_total"
 SINK_FAILURES_METRIC = "voice_agent_sink_failures_total"
 INTERRUPTIONS_METRIC = "voice_agent_interruptions_total"
+TRACES_SAMPLED_OUT_METRIC = "voice_agent_traces_sampled_out_total"
 BUDGET_OVERRUNS_METRIC = "voice_agent_budget_overruns_total"
 LABEL_OVERFLOW_METRIC = "voice_agent_label_overflow_total"
 

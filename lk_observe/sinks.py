@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,8 +27,9 @@ from lk_observe.monitor import LatencyMonitor
 from lk_observe.multiprocess import snapshot_sinks
 from lk_observe.presets import budget_overruns
 from lk_observe.recent import default_recent_turns
+from lk_observe.sampling import TurnSampler
 from lk_observe.slo import SLO, SLOEvaluator
-from lk_observe.tracing import TurnTracer
+from lk_observe.tracing import MAX_OPEN_TURNS, TurnTracer
 from lk_observe.turns import Turn
 
 logger = logging.getLogger(__name__)
@@ -206,9 +208,13 @@ class TurnSinks:
         monitor: LatencyMonitor,
         slos: tuple[SLO, ...],
         on_turn: TurnHook | None,
+        sampler: TurnSampler | None = None,
     ) -> None:
         self.metrics = metrics
         self._tracer = tracer
+        self._sampler = sampler
+        # turns whose trace sampling did not keep live: decided again when their reply ends
+        self._undecided: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._on_turn = on_turn
         self.loop: asyncio.AbstractEventLoop | None = None  # where on_turn runs
         # handed to the loop and not run yet: delivered from here if the loop closes first
@@ -260,9 +266,9 @@ class TurnSinks:
         root: SpanContext | None = None
         try:
             if turn.complete:
-                root = self._tracer.finish(turn, link, overruns)
+                root = self._finish_trace(turn, link, overruns)
             else:
-                root = self._tracer.start(turn, link)
+                root = self._start_trace(turn, link)
         except Exception:
             self._failed("tracing")
         if root is not None:
@@ -278,6 +284,27 @@ class TurnSinks:
                 self._failed(name)
         if self._on_turn is not None and turn.complete:
             self._hand_back(turn)
+
+    def _start_trace(self, turn: Turn, link: SpanContext | None) -> SpanContext | None:
+        sampler = self._sampler
+        if sampler is not None and not sampler.keep_live(turn):
+            self._undecided[(turn.session_id, turn.index)] = None
+            if len(self._undecided) > MAX_OPEN_TURNS:  # replies that never end
+                self._undecided.popitem(last=False)
+            return None
+        return self._tracer.start(turn, link)
+
+    def _finish_trace(
+        self, turn: Turn, link: SpanContext | None, overruns: dict[str, float]
+    ) -> SpanContext | None:
+        sampler = self._sampler
+        if sampler is not None and (turn.session_id, turn.index) in self._undecided:
+            del self._undecided[(turn.session_id, turn.index)]
+            if not sampler.keep_complete(turn):
+                self.metrics.trace_sampled_out(turn.agent)
+                return None
+        # kept live (its root span is open), or kept now: written whole
+        return self._tracer.finish(turn, link, overruns)
 
     def _hand_back(self, turn: Turn) -> None:
         """`on_turn` on the agent's loop; straight from here when the loop is gone."""

@@ -7,7 +7,15 @@ from collections.abc import Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TracerProvider,
+)
 from opentelemetry.util.types import AttributeValue
 
 from lk_observe.turns import Stage, Turn
@@ -69,6 +77,8 @@ def root_attributes(
         attributes["voice.tool.calls"] = turn.tool_calls
     if turn.llm_rounds:
         attributes["voice.llm.rounds"] = turn.llm_rounds
+    if turn.error_type is not None:
+        attributes["error.type"] = turn.error_type
     return attributes
 
 
@@ -124,7 +134,7 @@ class TurnTracer:
             _, (oldest, _) = self._open.popitem(last=False)
             oldest.end()
         span_context = root.get_span_context()
-        return span_context if span_context.is_valid else None
+        return _recorded(span_context)
 
     def finish(
         self,
@@ -144,6 +154,8 @@ class TurnTracer:
         changed = {k: v for k, v in final.items() if live_attributes.get(k, _UNSET) != v}
         if changed:
             root.set_attributes(changed)
+        if turn.error_type is not None:
+            root.set_status(Status(StatusCode.ERROR, turn.error_type))
         parent = trace.set_span_in_context(root)
         # creation order is irrelevant: every child carries its own start and end time
         for key, stage in turn.stages.items():
@@ -152,7 +164,7 @@ class TurnTracer:
         end = max(turn.ended_at, *(s.end for s in stages)) if stages else turn.ended_at
         root.end(end_time=_ns(end))
         span_context = root.get_span_context()
-        return span_context if span_context.is_valid else None
+        return _recorded(span_context)
 
     def record(
         self,
@@ -180,6 +192,13 @@ class TurnTracer:
             name, context=parent, attributes=attributes, start_time=_ns(stage.start)
         )
         span.end(end_time=_ns(stage.end))
+
+
+def _recorded(span_context: SpanContext) -> SpanContext | None:
+    """The context of a span that will be exported: None from a no-op provider or when the
+    provider's own sampler (OTEL_TRACES_SAMPLER) dropped it, so no exemplar or log event
+    points at a trace that does not exist."""
+    return span_context if span_context.is_valid and span_context.trace_flags.sampled else None
 
 
 def _start(turn: Turn) -> float:

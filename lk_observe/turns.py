@@ -94,6 +94,7 @@ class Turn:
     complete: bool = True  # False: the live report at first audio; the reply goes on
     played_ms: float | None = None  # how long the reply played before it ended or was cut
     active_agent: str | None = None  # the LiveKit Agent (its id) speaking the reply
+    error_type: str | None = None  # a LiveKit error during the reply (e.g. "llm_error")
 
 
 # Bounds that keep the assembler's memory fixed whatever the event stream does.
@@ -102,6 +103,7 @@ MAX_LATENCY_S = 120.0  # a stage longer than this is a broken clock, not a slow 
 MAX_CLOCK_SKEW_S = 600.0  # an event timestamp further than this from its arrival is broken
 MAX_REPLY_S = 3600.0  # a reply playing longer than this has lost its end
 MIN_VAD_BACKDATE_S = 0.001  # a local VAD back-dates its end of speech by its silence window
+MAX_ERROR_TYPE_LENGTH = 64
 MAX_COUNT = 10_000  # tool calls or tokens beyond this in one reply: a broken counter
 _EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency")
 
@@ -140,6 +142,7 @@ class _Speech:
     tool: Stage | None = None
     tool_calls: int = 0
     interrupted: bool = False
+    error_type: str | None = None
     done: bool = False
     emitted: bool = False  # reported live
     completed: bool = False  # reported complete: nothing of it changes any more
@@ -392,6 +395,17 @@ class TurnAssembler:
         for speech in self._pending.values():
             if speech.first_audio_at is None:
                 speech.interrupted = True
+
+    def error(self, error_type: str, at: float) -> list[Turn]:
+        """A LiveKit error event: every reply still going carries its type (the first one)."""
+        name = error_type[:MAX_ERROR_TYPE_LENGTH] if isinstance(error_type, str) else None
+        if not name:
+            self.skipped["error_without_type"] += 1
+            return self.expire(at)
+        for speech in self._speeches.values():
+            if not (speech.completed or speech.done) and speech.error_type is None:
+                speech.error_type = name
+        return self.expire(at)
 
     def expire(self, now: float) -> list[Turn]:
         """Report replies that waited too long for a late figure; callers tick this on a timer."""
@@ -675,4 +689,5 @@ class TurnAssembler:
             output_tokens=speech.output_tokens or None,
             complete=False,
             active_agent=speech.active_agent,
+            error_type=speech.error_type,
         )

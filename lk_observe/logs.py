@@ -191,6 +191,8 @@ def turn_fields(
         fields["played_ms"] = _round(turn.played_ms)
     if turn.active_agent is not None:
         fields["active_agent"] = turn.active_agent
+    if turn.error_type is not None:
+        fields["error_type"] = turn.error_type
     fields["tool_calls"] = turn.tool_calls
     if turn.tool_ms is not None:
         fields["tool_ms"] = _round(turn.tool_ms)

@@ -312,3 +312,8 @@ def test_an_interrupted_reply_logs_what_played_and_who_spoke() -> None:
 def test_a_reply_that_never_played_logs_no_played_time() -> None:
     event = log_one(make_turn(interrupted=True, played_ms=None))
     assert "played_ms" not in event and "active_agent" not in event
+
+
+def test_a_reply_a_livekit_error_hit_logs_its_type() -> None:
+    assert log_one(make_turn(error_type="llm_error"))["error_type"] == "llm_error"
+    assert "error_type" not in log_one(make_turn())

@@ -5,8 +5,17 @@ Replays one recorded turn's real LiveKit event objects through a session's `emit
   listeners   - the naive alternative: one `session.on(...)` callback per event type
   no-op spans - lk_observe.instrument() with OpenTelemetry's no-op provider: our own code only
   lk_observe  - lk_observe.instrument() with a TracerProvider + BatchSpanProcessor
+  fast at 10% - the same with trace sampling keeping 10% of fast turns' traces (the recorded
+                turn is fast: e2e 470 ms, under both default SLOs)
 CPU time (process_time: all threads, so the sink thread's and the span processor's work count)
 over N turns, the median of several interleaved repetitions.
+
+Periodic work counts as a call pays it: lk_observe's SLO check runs on its sink thread's timer
+(time.monotonic), at most once a second and only after new turns; here time.monotonic follows
+the benchmark's call clock, so paced turns 8 s apart pay one check each, as in a call.
+LiveKit's own tracing is not a variant here: its spans are made by its pipeline (LLM, TTS,
+agent_turn...), which a replay of events never runs; bench_session_overhead.py compares the
+two on whole scripted sessions.
 
 The process is set up like a LiveKit job process: livekit-agents' forkserver imports the
 framework and then calls gc.collect(); gc.freeze() (livekit/agents/ipc/_preload_freeze.py), so
@@ -144,17 +153,24 @@ def run(loop: _CallLoop, turns: int, repeat: int = 5, *, freeze: bool = True) ->
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(_DiscardExporter(), max_queue_size=65536))
     registry = CollectorRegistry()
-    monitor = lk_observe.LatencyMonitor()
+    # slices come and go with the call's clock, as turns 8 s apart make them in a call
+    monitor = lk_observe.LatencyMonitor(clock=lambda: loop.now)
     recorded_turn()  # import what a turn needs before freezing, as LiveKit's forkserver would
     gc.collect()
     if freeze:
         gc.freeze()
 
-    def instrumented(tracer_provider: trace.TracerProvider) -> Callable[[], AgentSession]:
+    def instrumented(
+        tracer_provider: trace.TracerProvider, sampling: lk_observe.TraceSampling | None = None
+    ) -> Callable[[], AgentSession]:
         def make() -> AgentSession:
             session = AgentSession()
             lk_observe.instrument(
-                session, tracer_provider=tracer_provider, registry=registry, monitor=monitor
+                session,
+                tracer_provider=tracer_provider,
+                registry=registry,
+                monitor=monitor,
+                trace_sampling=sampling,
             )
             return session
 
@@ -165,6 +181,7 @@ def run(loop: _CallLoop, turns: int, repeat: int = 5, *, freeze: bool = True) ->
         "naive listeners (no work)": _listening_session,
         "lk_observe, no-op spans": instrumented(trace.NoOpTracerProvider()),
         "lk_observe": instrumented(provider),
+        "lk_observe, fast at 10%": instrumented(provider, lk_observe.TraceSampling(0.1)),
     }
     samples: dict[str, list[float]] = {}
     for _ in range(repeat):
@@ -227,9 +244,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     unpin = (lambda: None) if args.no_pin else _pin_to_one_cpu()
     loop = _CallLoop()
     asyncio.set_event_loop(loop)
+    real_monotonic = time.monotonic
+    time.monotonic = lambda: loop.now  # the sink thread's timer follows the call's clock
     try:
         results = run(loop, args.turns, args.repeat, freeze=not args.no_gc_freeze)
     finally:
+        time.monotonic = real_monotonic
         asyncio.set_event_loop(None)
         loop.close()
         unpin()

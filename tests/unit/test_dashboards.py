@@ -12,6 +12,7 @@ from lk_observe.dashboards import build_dashboards, render_dashboards
 from lk_observe.presets import GUIDE_BUDGET
 from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow
 from lk_observe.turns import STAGES
+from tests.fleet_queries import assert_sum_across_pods
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = REPO / "dashboards"
@@ -224,3 +225,10 @@ def test_the_overview_shows_the_barge_in_rate_per_agent() -> None:
     assert "voice_agent_interruptions_total" in target["expr"]
     assert "voice_agent_turns_total" in target["expr"]
     assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+
+
+def test_every_query_sums_across_pods() -> None:
+    # a panel shows the fleet, not a line per pod; tests/integration/test_fleet.py runs them
+    assert_sum_across_pods(
+        [t["expr"] for board in _rendered().values() for _, t in _targets(board)], at_least=21
+    )

@@ -27,6 +27,7 @@ from lk_observe.rules import (
 )
 from lk_observe.slo import DEFAULT_SLOS, SLO
 from tests import promstack
+from tests.fleet_queries import assert_sum_across_pods
 
 REPO = Path(__file__).resolve().parents[2]
 ALERTING = REPO / "alerting"
@@ -113,6 +114,13 @@ def test_p95_alert_compares_the_95th_percentile_with_the_threshold() -> None:
     )
     (busy_p95,) = [a for a in alert_rules(busy) if a["alert"] == P95_ALERT]
     assert busy_p95["expr"].endswith(">= 100")  # 1200/h over 5m
+
+
+def test_every_rule_sums_across_pods() -> None:
+    # a breach only the fleet shows must page; tests/integration/test_fleet.py runs them
+    assert_sum_across_pods(
+        [r["expr"] for g in rule_groups(DEFAULT_SLOS)["groups"] for r in g["rules"]], at_least=11
+    )
 
 
 def test_ticket_slo_never_pages() -> None:

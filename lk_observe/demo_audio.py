@@ -83,7 +83,8 @@ def synthetic_voice(seconds: float, *, pitch_hz: float = 120.0, seed: int = 0) -
         shape += 1.0 / (1.0 + ((freqs - centre) / (width / 2.0)) ** 2)
     wave = np.fft.irfft(spectrum * shape, n)
     syllables = np.clip(np.sin(np.pi * 3.5 * t) ** 2 * 1.6, 0.0, 1.0)
-    syllables[-int(0.05 * INPUT_RATE) :] *= np.linspace(1.0, 0.0, int(0.05 * INPUT_RATE))
+    fade = int(0.01 * INPUT_RATE)  # voices stop within about 10 ms
+    syllables[-fade:] *= np.linspace(1.0, 0.0, fade)
     shaped = wave * syllables
     voice: Samples = (shaped / np.max(np.abs(shaped)) * 0.5).astype(np.float32)
     return voice

@@ -144,9 +144,11 @@ class PacedAudioInput(AudioInput):
     def duration_s(self) -> float:
         return len(self._pcm) / INPUT_RATE
 
-    async def play(self) -> None:
+    async def play(self, zero: float | None = None) -> None:
+        """Deliver the signal, frame k at `zero` (a perf_counter() reading; default now) plus
+        (k + 1) * 10 ms."""
         step = int(INPUT_RATE * FRAME_S)
-        zero = time.perf_counter()
+        zero = time.perf_counter() if zero is None else zero
         self.origin = time.time() - (time.perf_counter() - zero)
         self.started.set()
         for k, offset in enumerate(range(0, len(self._pcm) - step + 1, step)):

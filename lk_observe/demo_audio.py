@@ -34,6 +34,8 @@ from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.agents.voice.io import AudioInput
 
 from lk_observe.demo import (
+    GREETING_PROMPT,
+    GREETING_TEXT,
     SAMPLE_RATE,
     GroundTruth,
     LLMReply,
@@ -66,28 +68,77 @@ def noise_floor(samples: int, dbfs: float, seed: int) -> Samples:
     return noise
 
 
-def synthetic_voice(seconds: float, *, pitch_hz: float = 120.0, seed: int = 0) -> Samples:
-    """A voice-like sound (a glottal pulse train with vibrato through three vowel formants,
-    shaped into syllables) that a speech VAD such as Silero hears as speech: the demo's caller
-    when no recorded or synthesized speech is at hand."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * INPUT_RATE)
-    t = np.arange(n) / INPUT_RATE
-    f0 = pitch_hz * (1.0 + 0.05 * np.sin(2 * np.pi * 5.0 * t + rng.uniform(0, 6.28)))
-    phase = np.cumsum(f0 / INPUT_RATE)
-    pulses = (np.diff(np.floor(phase), prepend=0.0) > 0).astype(np.float64)
-    spectrum = np.fft.rfft(pulses)
-    freqs = np.fft.rfftfreq(n, 1.0 / INPUT_RATE)
+# (F1, F2, F3) of a few English vowels, Hz
+_VOWEL_FORMANTS = (
+    (730.0, 1090.0, 2440.0),
+    (270.0, 2290.0, 3010.0),
+    (530.0, 1840.0, 2480.0),
+    (570.0, 840.0, 2410.0),
+    (300.0, 870.0, 2240.0),
+    (660.0, 1720.0, 2410.0),
+    (490.0, 1350.0, 1690.0),
+)
+
+
+def _filtered(excitation: npt.NDArray[np.float64], shape: npt.NDArray[np.float64]) -> Samples:
+    out: Samples = np.fft.irfft(np.fft.rfft(excitation) * shape, len(excitation)).astype(np.float32)
+    return out
+
+
+def _syllable(samples: int, rng: np.random.Generator, pitch_hz: float) -> Samples:
+    """A voiced syllable: a glottal pulse train with a pitch glide, through a random vowel's
+    formants, rising and falling."""
+    t = np.arange(samples) / INPUT_RATE
+    glide = rng.uniform(-0.1, 0.1) * t / max(float(t[-1]), 1e-3)
+    f0 = pitch_hz * (1.0 + rng.uniform(-0.15, 0.15) + glide)
+    pulses = (np.diff(np.floor(np.cumsum(f0 / INPUT_RATE)), prepend=0.0) > 0).astype(np.float64)
+    pulses += 0.02 * rng.standard_normal(samples)  # breath
+    freqs = np.fft.rfftfreq(samples, 1.0 / INPUT_RATE)
     shape = np.zeros_like(freqs)
-    for centre, width in ((700.0, 110.0), (1220.0, 120.0), (2600.0, 160.0)):
+    vowel = _VOWEL_FORMANTS[int(rng.integers(len(_VOWEL_FORMANTS)))]
+    for centre, width in zip(vowel, (90.0, 110.0, 170.0), strict=True):
         shape += 1.0 / (1.0 + ((freqs - centre) / (width / 2.0)) ** 2)
-    wave = np.fft.irfft(spectrum * shape, n)
-    syllables = np.clip(np.sin(np.pi * 3.5 * t) ** 2 * 1.6, 0.0, 1.0)
-    fade = int(0.01 * INPUT_RATE)  # voices stop within about 10 ms
-    syllables[-fade:] *= np.linspace(1.0, 0.0, fade)
-    shaped = wave * syllables
-    voice: Samples = (shaped / np.max(np.abs(shaped)) * 0.5).astype(np.float32)
-    return voice
+    shape /= 1.0 + freqs / 3000.0
+    wave = _filtered(pulses, shape) * np.sin(np.pi * np.arange(samples) / samples) ** 0.5
+    peak = float(np.max(np.abs(wave))) or 1.0
+    scaled: Samples = (wave / peak * rng.uniform(0.6, 1.0)).astype(np.float32)
+    return scaled
+
+
+def _fricative(samples: int, rng: np.random.Generator) -> Samples:
+    """A consonant: band-passed noise."""
+    freqs = np.fft.rfftfreq(samples, 1.0 / INPUT_RATE)
+    centre = rng.uniform(2500.0, 6000.0)
+    shape = np.asarray(1.0 / (1.0 + ((freqs - centre) / 1500.0) ** 2), dtype=np.float64)
+    noise = _filtered(rng.standard_normal(samples), shape) * np.hanning(samples)
+    peak = float(np.max(np.abs(noise))) or 1.0
+    scaled: Samples = (noise / peak * 0.15).astype(np.float32)
+    return scaled
+
+
+def synthetic_voice(seconds: float, *, pitch_hz: float = 120.0, seed: int = 0) -> Samples:
+    """A voice-like sound a speech VAD such as Silero hears as speech from start to end:
+    syllables of changing vowels and pitch, some led by a fricative; the demo's caller when no
+    recorded or synthesized speech is at hand. Stops within 10 ms, as voices do."""
+    rng = np.random.default_rng(seed)
+    total = int(seconds * INPUT_RATE)
+    voice = np.zeros(total, dtype=np.float32)
+    position = 0
+    while position < total:
+        if rng.random() < 0.4:
+            part = _fricative(min(int(rng.uniform(0.04, 0.08) * INPUT_RATE), total - position), rng)
+            voice[position : position + len(part)] += part
+            position += len(part)
+        length = min(int(rng.uniform(0.15, 0.3) * INPUT_RATE), total - position)
+        if length <= 1:
+            break
+        voice[position : position + length] += _syllable(length, rng, pitch_hz)
+        position += length
+    fade = int(0.01 * INPUT_RATE)
+    voice[-fade:] *= np.linspace(1.0, 0.0, fade, dtype=np.float32)
+    peak = float(np.max(np.abs(voice))) or 1.0
+    scaled: Samples = (voice / peak * 0.5).astype(np.float32)
+    return scaled
 
 
 @dataclass(frozen=True)
@@ -232,6 +283,7 @@ class SpokenPipeline:
     agent: ScriptedAgent
     audio_input: PacedAudioInput
     truths: list[SpokenTruth]
+    greeting: bool = False
 
 
 def build_spoken_pipeline(
@@ -242,14 +294,24 @@ def build_spoken_pipeline(
     seed: int = 0,
     lead_s: float = 0.8,
     min_endpointing_s: float = 0.1,
+    greeting_audio_s: float | None = None,
 ) -> SpokenPipeline:
-    """A real AgentSession hearing the turns' clips over a noise floor through `vad`."""
+    """A real AgentSession hearing the turns' clips over a noise floor through `vad`; with
+    `greeting_audio_s` the agent greets first (an audible reply that long) and the caller waits
+    for it."""
     truth = GroundTruth(turns=[TurnTruth() for _ in turns])
     truths: list[SpokenTruth] = []
     placed: list[tuple[int, Samples]] = []
     t = lead_s
     llm_replies: dict[str, LLMReply] = {}
     tts_replies: dict[str, TTSReply] = {}
+    if greeting_audio_s is not None:
+        g = truth.greeting
+        llm_replies[GREETING_PROMPT] = LLMReply(g, 0.2, 0.25, content=GREETING_TEXT)
+        tts_replies[GREETING_TEXT.split(" ")[0]] = TTSReply(
+            g, 0.05, greeting_audio_s, leading_silence_s=0.05, audible=True
+        )
+        t += 0.5 + greeting_audio_s
     for i, turn in enumerate(turns):
         start = int(t * INPUT_RATE)
         last = last_voiced_sample(turn.clip)
@@ -280,7 +342,9 @@ def build_spoken_pipeline(
 
     def on_first_frame(at: float) -> None:
         candidates = [
-            t for t in truth.turns if t.tts_first_audio is not None and t.first_audio_played is None
+            t
+            for t in [truth.greeting, *truth.turns]
+            if t.tts_first_audio is not None and t.first_audio_played is None
         ]
         if candidates:
             max(candidates, key=lambda t: t.tts_first_audio or 0.0).first_audio_played = at
@@ -300,7 +364,9 @@ def build_spoken_pipeline(
     )
     session.input.audio = audio_input
     session.output.audio = ScriptedAudioOutput(on_first_frame)
-    return SpokenPipeline(session, ScriptedAgent(truth, {}), audio_input, truths)
+    return SpokenPipeline(
+        session, ScriptedAgent(truth, {}), audio_input, truths, greeting_audio_s is not None
+    )
 
 
 async def run_spoken_pipeline(pipeline: SpokenPipeline, *, settle_s: float = 0.3) -> None:
@@ -308,6 +374,8 @@ async def run_spoken_pipeline(pipeline: SpokenPipeline, *, settle_s: float = 0.3
     fills in each truth's wall-clock end of voice."""
     session = pipeline.session
     await session.start(pipeline.agent)
+    if pipeline.greeting:
+        session.generate_reply(instructions=GREETING_PROMPT)
     player = asyncio.create_task(pipeline.audio_input.play())
     try:
         await player

@@ -29,3 +29,11 @@ def test_benchmark_quick_run_reports_speedup_ratios(capsys: pytest.CaptureFixtur
 def test_the_benchmark_runs() -> None:
     results = load_benchmark("bench_monitor_snapshot").main(["--quick"])
     assert results["write"] and results["merge"]
+
+
+def test_the_audio_tap_benchmark_reports_per_frame_and_per_second_figures() -> None:
+    results = load_benchmark("bench_audio_taps").main(["--quick"])
+    assert results["input frame, 16 kHz mono (us)"] > 0
+    assert results["input frame through the tap, all in (us)"] > 0
+    assert results["session + Silero, CPU ms per s of audio"] > 0
+    assert "added by lk_observe, CPU ms per s of audio" in results

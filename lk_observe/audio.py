@@ -8,6 +8,7 @@ block (a bounded ring), the output side counts samples until the first audible o
   wall time the block ended. When the VAD has declared end of speech, `speech_end()` looks at
   the blocks around the VAD's estimate, tracks the noise floor from the quiet blocks around it,
   and returns where the voice really stopped: the end of the last run of blocks above the floor
+  (the middle of its last block)
   that is connected to the speech the VAD heard (a late VAD moves back to it; a VAD that clipped
   a quiet tail moves forward to it; a click well after the speech is not speech).
 - `AudibleOnset` (the agent's output): samples of a reply's audio before the first audible one,
@@ -79,7 +80,7 @@ class StreamClock:
 class HeardEnd:
     """Where the user's voice really stopped, and the level figures it was found with."""
 
-    at: float  # unix seconds: the end of the last voiced 5 ms block
+    at: float  # unix seconds: the middle of the last voiced 5 ms block
     floor_dbfs: float
     threshold_dbfs: float
 
@@ -178,7 +179,9 @@ class SpeechEndFinder:
         end = float(tail[int(np.argmax(gaps))] if gaps.any() else tail[-1])
         if end > decided_at - MIN_QUIET_BEFORE_DECISION_S:
             return None  # "voice" right up to the VAD's decision: the floor is not understood
-        return HeardEnd(at=end, floor_dbfs=floor, threshold_dbfs=threshold)
+        # the voice stopped somewhere in its last voiced block: its middle is off by half a block
+        # at most, either way
+        return HeardEnd(at=end - BLOCK_S / 2, floor_dbfs=floor, threshold_dbfs=threshold)
 
 
 class AudibleOnset:

@@ -87,7 +87,7 @@ def _filtered(excitation: npt.NDArray[np.float64], shape: npt.NDArray[np.float64
 
 def _syllable(samples: int, rng: np.random.Generator, pitch_hz: float) -> Samples:
     """A voiced syllable: a glottal pulse train with a pitch glide, through a random vowel's
-    formants, rising and falling."""
+    formants, with 10 ms onset and offset ramps."""
     t = np.arange(samples) / INPUT_RATE
     glide = rng.uniform(-0.1, 0.1) * t / max(float(t[-1]), 1e-3)
     f0 = pitch_hz * (1.0 + rng.uniform(-0.15, 0.15) + glide)
@@ -99,7 +99,8 @@ def _syllable(samples: int, rng: np.random.Generator, pitch_hz: float) -> Sample
     for centre, width in zip(vowel, (90.0, 110.0, 170.0), strict=True):
         shape += 1.0 / (1.0 + ((freqs - centre) / (width / 2.0)) ** 2)
     shape /= 1.0 + freqs / 3000.0
-    wave = _filtered(pulses, shape) * np.sin(np.pi * np.arange(samples) / samples) ** 0.5
+    edge = np.minimum(np.arange(samples), np.arange(samples)[::-1]) / (0.01 * INPUT_RATE)
+    wave = _filtered(pulses, shape) * np.minimum(edge, 1.0)  # 10 ms onset and offset
     peak = float(np.max(np.abs(wave))) or 1.0
     scaled: Samples = (wave / peak * rng.uniform(0.6, 1.0)).astype(np.float32)
     return scaled

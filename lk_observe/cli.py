@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
 import random
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -198,12 +199,12 @@ def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[Scrip
 
 def _live_table(monitor: LatencyMonitor, agent: str) -> list[str]:
     stats = monitor.get_all_stats(agent=agent)
-    lines = [f"  {'component':<10} {'count':>5} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}"]
+    lines = [f"  {'component':<15} {'count':>5} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}"]
     for component in COMPONENTS:
         s = stats.get(component)
         if s and s["count"]:
             lines.append(
-                f"  {component:<10} {s['count']:>5} {s['median']:>7.1f} {s['p95']:>7.1f} "
+                f"  {component:<15} {s['count']:>5} {s['median']:>7.1f} {s['p95']:>7.1f} "
                 f"{s['p99']:>7.1f} {s['max']:>7.1f}"
             )
     return lines
@@ -216,7 +217,7 @@ def _span_line(span: object, origin: int, depth: int) -> str:
     assert span.start_time is not None and span.end_time is not None
     offset = (span.start_time - origin) / 1e6
     length = (span.end_time - span.start_time) / 1e6
-    return f"{'  ' * depth}{span.name:<{14 - 2 * depth}} +{offset:7.1f} ms  {length:7.1f} ms"
+    return f"{'  ' * depth}{span.name:<{25 - 2 * depth}} +{offset:7.1f} ms  {length:7.1f} ms"
 
 
 def _span_tree(spans: Sequence[object], trace_id: int | None) -> list[str]:
@@ -276,6 +277,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(args))
 
 
+def silero_installed() -> bool:
+    """Whether livekit-plugins-silero (the `silero` extra) can be imported."""
+    try:
+        return importlib.util.find_spec("livekit.plugins.silero") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _heard_pipeline(
+    script: Sequence[ScriptedTurn], seed: int, preset: str
+) -> tuple[Any, Coroutine[Any, Any, Any]]:
+    """The demo with real audio: each scripted turn's utterance as a synthetic voice of its
+    length, heard by the Silero VAD with the preset's settings; STT, LLM and TTS keep the
+    script's delays, and each reply starts with 0-150 ms of silence."""
+    from livekit.plugins import silero
+
+    from lk_observe.demo_audio import (
+        SpokenTurn,
+        build_spoken_pipeline,
+        run_spoken_pipeline,
+        synthetic_voice,
+    )
+    from lk_observe.presets import vad_preset
+
+    settings = vad_preset(preset)
+    rng = random.Random(seed)
+    turns = [
+        SpokenTurn(
+            synthetic_voice(turn.speech_s, seed=seed * 1000 + i),
+            leading_silence_s=round(rng.uniform(0.0, 0.15), 3),
+            stt_s=turn.stt_s,
+            llm_ttft_s=turn.llm_ttft_s,
+            tts_ttfb_s=turn.tts_ttfb_s,
+            reply_audio_s=turn.reply_audio_s,
+            gap_s=turn.gap_s,
+        )
+        for i, turn in enumerate(script)
+    ]
+    vad = silero.VAD.load(
+        min_speech_duration=settings.min_speech_duration,
+        min_silence_duration=settings.min_silence_duration,
+        prefix_padding_duration=settings.prefix_padding_duration,
+        activation_threshold=settings.activation_threshold,
+    )
+    pipeline = build_spoken_pipeline(
+        turns,
+        vad=vad,
+        noise_dbfs=-50.0,
+        seed=seed,
+        min_endpointing_s=settings.min_endpointing_delay,
+        greeting_audio_s=0.8,
+    )
+    return pipeline.session, run_spoken_pipeline(pipeline)
+
+
 async def _demo(args: argparse.Namespace) -> int:
     import lk_observe
     from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
@@ -312,13 +368,28 @@ async def _demo(args: argparse.Namespace) -> int:
             )
 
     script = demo_script(total, args.seed, preset=vad.name, speed=profile.name)
-    pipeline = build_pipeline(
-        script,
-        greeting=ScriptedTurn(reply_audio_s=0.8),
-        min_endpointing_s=vad.min_endpointing_delay,
-    )
+    session: Any
+    play: Coroutine[Any, Any, Any]
+    if args.vad == "silero" or (args.vad == "auto" and silero_installed()):
+        session, play = _heard_pipeline(script, args.seed, vad.name)
+        heard_by = (
+            "the caller is a synthetic voice over a -50 dBFS noise floor, pushed in 10 ms frames "
+            f"at real pace and heard by the real Silero VAD (livekit-plugins-silero, preset "
+            f"{vad.name}'s settings); e2e is measured from the audio"
+        )
+    else:
+        pipeline = build_pipeline(
+            script,
+            greeting=ScriptedTurn(reply_audio_s=0.8),
+            min_endpointing_s=vad.min_endpointing_delay,
+        )
+        session, play = pipeline.session, run_pipeline(pipeline)
+        heard_by = (
+            "scripted VAD (no audio: e2e from LiveKit's timestamps); with the silero extra "
+            "(uv run --extra silero lk-observe demo) a voice is heard by the real Silero VAD"
+        )
     lk_observe.instrument(
-        pipeline.session,
+        session,
         agent_name="demo",
         tracer_provider=provider,  # type: ignore[arg-type]
         monitor=monitor,
@@ -328,7 +399,8 @@ async def _demo(args: argparse.Namespace) -> int:
         f"scripted voice session: {total} user turns, VAD preset {vad.name}, speed {profile.name} "
         f"({profile.stt} / {profile.llm} / {profile.tts}); no LiveKit server or key needed"
     )
-    task = asyncio.ensure_future(run_pipeline(pipeline))
+    print(f"VAD: {heard_by}")
+    task = asyncio.ensure_future(play)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -341,7 +413,7 @@ async def _demo(args: argparse.Namespace) -> int:
         waiter.cancel()
     if not task.done():
         print("stopping: closing the session")
-        await pipeline.session.aclose()
+        await session.aclose()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
@@ -454,6 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(VAD_PRESETS),
         default=None,
         help="VAD preset (default: the speed profile's; ultra: fast_qa)",
+    )
+    demo.add_argument(
+        "--vad",
+        choices=("auto", "silero", "scripted"),
+        default="auto",
+        help="silero: a synthetic voice at real pace through the real Silero VAD (the silero "
+        "extra); scripted: no audio, the full script (tool call, barge-in); auto: silero when "
+        "installed",
     )
     demo.add_argument("--host", default="127.0.0.1", help="ops app address")
     demo.add_argument(

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from livekit import rtc
 from livekit.agents import (
     NOT_GIVEN,
@@ -319,7 +321,7 @@ class _ScriptedSTTStream(stt.RecognizeStream):
 
 
 @dataclass(frozen=True)
-class _LLMReply:
+class LLMReply:
     truth: TurnTruth
     ttft_s: float
     total_s: float
@@ -328,7 +330,7 @@ class _LLMReply:
 
 
 class ScriptedLLM(llm.LLM[Literal["metrics_collected"]]):
-    def __init__(self, replies: dict[str, _LLMReply]) -> None:
+    def __init__(self, replies: dict[str, LLMReply]) -> None:
         super().__init__()
         self._replies = replies
 
@@ -403,14 +405,38 @@ class _ScriptedLLMStream(llm.LLMStream):
 
 
 @dataclass(frozen=True)
-class _TTSReply:
+class TTSReply:
+    """How the scripted TTS speaks one reply: `audio_s` of audio, `ttfb_s` after its first text.
+
+    Silent by default (the timing is what the scripted pipeline is about); `audible` replies are
+    a tone after `leading_silence_s` of digital silence, as TTS providers often start."""
+
     truth: TurnTruth
     ttfb_s: float
     audio_s: float
+    leading_silence_s: float = 0.0
+    audible: bool = False
+    reply_level_dbfs: float = -20.0
+
+    def pcm(self) -> bytes:
+        """The reply's 16-bit audio: the leading silence, then (if audible) a 220 Hz tone whose
+        first sample is already at full level, so its first audible sample is known exactly."""
+        total = int(SAMPLE_RATE * self.audio_s)
+        silent = min(self.leading_samples, total)
+        if not self.audible:
+            return b"\x00\x00" * total
+        t = np.arange(total - silent, dtype=np.float64) / SAMPLE_RATE
+        amplitude = 32767.0 * 10.0 ** (self.reply_level_dbfs / 20.0)
+        tone: npt.NDArray[np.int16] = (amplitude * np.cos(2.0 * np.pi * 220.0 * t)).astype(np.int16)
+        return b"\x00\x00" * silent + tone.tobytes()
+
+    @property
+    def leading_samples(self) -> int:
+        return round(SAMPLE_RATE * self.leading_silence_s)
 
 
 class ScriptedTTS(tts.TTS[Literal["metrics_collected"]]):
-    def __init__(self, replies: dict[str, _TTSReply]) -> None:
+    def __init__(self, replies: dict[str, TTSReply]) -> None:
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=True),
             sample_rate=SAMPLE_RATE,
@@ -418,7 +444,7 @@ class ScriptedTTS(tts.TTS[Literal["metrics_collected"]]):
         )
         self._replies = replies
 
-    def reply_for(self, text: str) -> _TTSReply | None:
+    def reply_for(self, text: str) -> TTSReply | None:
         """The reply whose text starts with what has arrived so far (replies differ early)."""
         head = text.strip().split(" ", 1)[0]
         return self._replies.get(head)
@@ -477,10 +503,10 @@ class _ScriptedTTSStream(tts.SynthesizeStream):
                 reply.truth.tts_first_text = first_text_at
                 reply.truth.tts_first_audio = time.time()
             output_emitter.start_segment(segment_id=utils.shortuuid("seg_"))
-            samples = int(SAMPLE_RATE * reply.audio_s)
-            chunk = SAMPLE_RATE // 50
-            for offset in range(0, samples, chunk):
-                output_emitter.push(b"\x00\x00" * min(chunk, samples - offset))
+            pcm = reply.pcm()
+            chunk = 2 * SAMPLE_RATE // 50
+            for offset in range(0, len(pcm), chunk):
+                output_emitter.push(pcm[offset : offset + chunk])
         if segment_open:
             output_emitter.end_segment()
 
@@ -686,36 +712,36 @@ def build_pipeline(
     truth = GroundTruth(turns=[TurnTruth() for _ in turns])
     utterances = plan_timeline(turns, lead_s=(greeting.reply_audio_s + 1.0) if greeting else 0.6)
     clock = _Clock(truth)
-    llm_replies: dict[str, _LLMReply] = {}
-    tts_replies: dict[str, _TTSReply] = {}
+    llm_replies: dict[str, LLMReply] = {}
+    tts_replies: dict[str, TTSReply] = {}
     tool_delays: dict[int, float] = {}
     for i, turn in enumerate(turns):
         t = truth.turns[i]
         if turn.filler:
             f = truth.fillers[i] = TurnTruth()
-            tts_replies[_filler_text(i).split(" ")[0]] = _TTSReply(f, turn.tts_ttfb_s, 0.5)
+            tts_replies[_filler_text(i).split(" ")[0]] = TTSReply(f, turn.tts_ttfb_s, 0.5)
         if turn.task:
             ask = llm.FunctionToolCall(
                 name="ask_consent", arguments=f'{{"turn": {i}}}', call_id=f"ask_{i}"
             )
-            llm_replies[_user_text(i)] = _LLMReply(
+            llm_replies[_user_text(i)] = LLMReply(
                 t, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=ask
             )
             confirm = llm.FunctionToolCall(name="confirm", arguments="{}", call_id=f"confirm_{i}")
             answer = truth.turns[i + 1] if i + 1 < len(turns) else t
-            llm_replies[_user_text(i + 1)] = _LLMReply(
+            llm_replies[_user_text(i + 1)] = LLMReply(
                 answer, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=confirm
             )
-            llm_replies[f"consent-{i}-True"] = _LLMReply(
+            llm_replies[f"consent-{i}-True"] = LLMReply(
                 t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
             )
-            tts_replies[_task_text(i).split(" ")[0]] = _TTSReply(t, turn.tts_ttfb_s, 0.6)
+            tts_replies[_task_text(i).split(" ")[0]] = TTSReply(t, turn.tts_ttfb_s, 0.6)
         elif turn.handoff:
             call = llm.FunctionToolCall(name="transfer", arguments="{}", call_id=f"transfer_{i}")
-            llm_replies[_user_text(i)] = _LLMReply(
+            llm_replies[_user_text(i)] = LLMReply(
                 t, turn.llm_ttft_s, turn.llm_ttft_s, tool_call=call
             )
-            llm_replies["transferred"] = _LLMReply(
+            llm_replies["transferred"] = LLMReply(
                 t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
             )
         elif turn.tool_s is not None:
@@ -725,26 +751,24 @@ def build_pipeline(
             )
             check = _check_text(i) if turn.speak_before_tool else ""
             if check:
-                tts_replies[check.split(" ")[0]] = _TTSReply(t, turn.tts_ttfb_s, 0.6)
-            llm_replies[_user_text(i)] = _LLMReply(
+                tts_replies[check.split(" ")[0]] = TTSReply(t, turn.tts_ttfb_s, 0.6)
+            llm_replies[_user_text(i)] = LLMReply(
                 t, turn.llm_ttft_s, turn.llm_ttft_s, content=check, tool_call=call
             )
-            llm_replies[_tool_result(i)] = _LLMReply(
+            llm_replies[_tool_result(i)] = LLMReply(
                 t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
             )
         elif _user_text(i) not in llm_replies:  # not the answer to an earlier turn's task
-            llm_replies[_user_text(i)] = _LLMReply(
+            llm_replies[_user_text(i)] = LLMReply(
                 t, turn.llm_ttft_s, turn.llm_total_s, content=_reply_text(i)
             )
-        tts_replies[_reply_text(i).split(" ")[0]] = _TTSReply(
-            t, turn.tts_ttfb_s, turn.reply_audio_s
-        )
+        tts_replies[_reply_text(i).split(" ")[0]] = TTSReply(t, turn.tts_ttfb_s, turn.reply_audio_s)
     if greeting is not None:
         g = truth.greeting
-        llm_replies[GREETING_PROMPT] = _LLMReply(
+        llm_replies[GREETING_PROMPT] = LLMReply(
             g, greeting.llm_ttft_s, greeting.llm_total_s, content=GREETING_TEXT
         )
-        tts_replies[GREETING_TEXT.split(" ")[0]] = _TTSReply(
+        tts_replies[GREETING_TEXT.split(" ")[0]] = TTSReply(
             g, greeting.tts_ttfb_s, greeting.reply_audio_s
         )
 
@@ -830,9 +854,7 @@ def build_text_pipeline(turns: Sequence[ScriptedTurn]) -> tuple[AgentSession[Non
     """A pipeline with no VAD, STT or TTS (typed input, text output): only the LLM is timed."""
     truth = GroundTruth(turns=[TurnTruth() for _ in turns])
     replies = {
-        _user_text(i): _LLMReply(
-            truth.turns[i], t.llm_ttft_s, t.llm_total_s, content=_reply_text(i)
-        )
+        _user_text(i): LLMReply(truth.turns[i], t.llm_ttft_s, t.llm_total_s, content=_reply_text(i))
         for i, t in enumerate(turns)
     }
     session: AgentSession[None] = AgentSession(llm=ScriptedLLM(replies), aec_warmup_duration=None)

@@ -104,6 +104,7 @@ class InstrumentHandle:
     def _attach(self, session: Any) -> None:
         session.emit = self._wrapped_emit  # instance attribute shadows AgentSession.emit
         setattr(session, _MARKER, self)
+        self.events.audio.attach(session)  # again at each agent state: RoomIO sets it at start
         with contextlib.suppress(RuntimeError):  # instrumented before the loop runs: set later
             self.events.loop = self.sinks.loop = asyncio.get_running_loop()
         self._flush_on_job_exit()

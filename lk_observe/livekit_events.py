@@ -8,6 +8,11 @@ test_livekit_events.py fails loudly when an upgrade removes one):
   LiveKit sets just before the agent starts speaking (for its console) and emits nowhere else.
 - `SpeechHandle._agent_turn_context`: the OTel context of LiveKit's own `agent_turn` span,
   so a turn's trace can link to it when LiveKit's telemetry is on.
+
+The session's audio is listened to through public hooks only: a pass-through `AudioInput` at the
+head of `session.input.audio`'s chain (LiveKit's own recorder wraps inputs the same way) and the
+head `session.output.audio`'s `capture_frame` / `flush` / `clear_buffer`, wrapped on the instance
+(as `emit` is). Neither changes a frame or the order of calls; both are put back on close.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from livekit.agents.voice.io import AudioInput
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext
 
+from lk_observe.audio import AudibleOnset, SpeechEndFinder
 from lk_observe.turns import Turn, TurnAssembler
 
 logger = logging.getLogger(__name__)
@@ -66,6 +73,7 @@ class SessionEvents:
         # LiveKit sets the early metrics for LLM replies only and never clears them: a say()
         # or filler after a reply would read that reply's figures again
         self._early_read: object = None
+        self.audio = SessionAudio(self._self_ref)
 
     def read(self, event: str, ev: Any, at: float) -> None:
         """One emitted event (`at`: its arrival, unix seconds). Never raises."""
@@ -81,6 +89,9 @@ class SessionEvents:
         if not self._active:
             return
         self._active = False
+        session = self._session_ref()
+        if session is not None:
+            self.audio.detach(session)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -110,21 +121,27 @@ class SessionEvents:
         return self.assembler.user_state(ev.new_state, ev.created_at, at)
 
     def _on_agent_state(self, ev: Any, at: float) -> list[Turn]:
-        if ev.new_state != "speaking":
-            return self.assembler.expire(at)
         session = self._session_ref()
+        if ev.new_state != "speaking":
+            if session is not None:  # outputs and inputs are set or swapped while not speaking
+                self.audio.attach(session)
+            return self.assembler.expire(at)
         speech = getattr(session, "current_speech", None)
         early = getattr(session, "_early_assistant_metrics", None)
         if early is self._early_read:
             early = None  # already read for an earlier reply: not this speech's
         else:
             self._early_read = early
+        speech_id = getattr(speech, "id", None)
+        leading_silence, pending = self.audio.output_verdict(speech_id)
         turns = self.assembler.agent_speaking(
-            getattr(speech, "id", None),
+            speech_id,
             ev.created_at,
             early if isinstance(early, Mapping) else None,
             at,
             active_agent=_agent_id(session),
+            leading_silence_s=leading_silence,
+            audible_pending=pending,
         )
         self._arm_expiry()
         return turns
@@ -135,8 +152,15 @@ class SessionEvents:
         if kind is None:
             self.assembler.skipped["unreadable_conversation_item_added"] += 1
         elif kind == "message" and item.role == "user":
+            metrics = item.metrics or {}
             return self.assembler.user_turn(
-                item.id, item.metrics or {}, self._current_speech_id(), at
+                item.id,
+                metrics,
+                self._current_speech_id(),
+                at,
+                heard_end=self.audio.speech_end(
+                    metrics.get("stopped_speaking_at"), self.assembler.vad_decision()
+                ),
             )
         elif kind == "message" and item.role == "assistant":
             return self.assembler.assistant_message(
@@ -229,6 +253,13 @@ class SessionEvents:
 
         handle.add_done_callback(done)
 
+    def _audible(self, speech_id: str, leading_silence_s: float | None) -> None:
+        """The output tap settled the reply's first audible sample after its first frame."""
+        if self._active:
+            self._deliver_turns(
+                self.assembler.agent_audible(speech_id, leading_silence_s, time.time())
+            )
+
     def _deliver_turns(self, turns: list[Turn]) -> None:
         if turns:
             self._deliver(turns)
@@ -257,6 +288,210 @@ class SessionEvents:
             logger.warning("lk_observe expiry failed", exc_info=True)
         if self.assembler.pending:
             self._arm_expiry()
+
+
+class _HeardInput(AudioInput):
+    """A pass-through at the head of the session's audio input chain: every frame the session
+    reads goes by `listener` (with its arrival time) unchanged."""
+
+    def __init__(self, source: AudioInput, listener: Callable[[Any, float], None]) -> None:
+        super().__init__(label=source.label, source=source)
+        self.listener: Callable[[Any, float], None] | None = listener
+
+    async def __anext__(self) -> Any:
+        frame = await super().__anext__()
+        listener = self.listener
+        if listener is not None:
+            listener(frame, time.time())
+        return frame
+
+
+class SessionAudio:
+    """What the caller hears, read from the session's audio: the user's real end of speech
+    (`SpeechEndFinder` over the input frames) and each reply's first audible sample
+    (`AudibleOnset` over the output frames). Every hook is a pass-through that never raises
+    into LiveKit; anything unreadable is counted in `unreadable` and the turn falls back to
+    LiveKit's timestamps."""
+
+    def __init__(self, events_ref: weakref.ref[SessionEvents]) -> None:
+        self._events_ref = events_ref
+        self.finder = SpeechEndFinder()
+        self.onset = AudibleOnset()
+        self.unreadable = 0
+        self.frames_heard = 0  # input frames read
+        self._input_tap: _HeardInput | None = None
+        self._output: Any = None  # the output whose methods are wrapped
+        self._output_saved: dict[str, Any] = {}  # its instance attributes before wrapping
+        self._segment_open = False
+        self._awaiting: str | None = None  # the speech whose first audible sample is pending
+
+    # -- attaching ------------------------------------------------------------------------------
+
+    def attach(self, session: Any) -> None:
+        """Listen to the session's current input and output (idempotent; call when the agent is
+        not speaking: a hook moved mid-reply would miss the reply's first frames)."""
+        try:
+            self._attach_input(session)
+            self._attach_output(session)
+        except Exception:  # a newer livekit-agents with other I/O shapes: no audio, no harm
+            self.unreadable += 1
+            logger.warning("lk_observe could not listen to the session's audio", exc_info=True)
+
+    def _attach_input(self, session: Any) -> None:
+        head = session.input.audio
+        if head is None or _in_chain(head, self._input_tap, "source"):
+            return
+        if self._input_tap is not None:
+            self._input_tap.listener = None  # replaced by the app: the old one goes quiet
+        self.finder = SpeechEndFinder()
+        self._input_tap = _HeardInput(head, self._heard_input)
+        session.input.audio = self._input_tap
+
+    def _attach_output(self, session: Any) -> None:
+        head = session.output.audio
+        if head is None or _in_chain(head, self._output, "next_in_chain"):
+            return
+        self._release_output()
+        saved = {n: head.__dict__[n] for n in _OUTPUT_HOOKS if n in head.__dict__}
+        capture, flush, clear = head.capture_frame, head.flush, head.clear_buffer
+        heard, ended = self._heard_output, self._segment_ended
+
+        async def capture_frame(frame: Any) -> None:
+            heard(frame)
+            await capture(frame)
+
+        def flush_segment() -> None:
+            flush()  # LiveKit's own bookkeeping first: it timestamps the playout
+            ended()
+
+        def clear_segment() -> None:
+            clear()
+            ended()
+
+        head.capture_frame, head.flush, head.clear_buffer = (
+            capture_frame,
+            flush_segment,
+            clear_segment,
+        )
+        self._output, self._output_saved = head, saved
+        self._segment_open = False
+
+    def detach(self, session: Any) -> None:
+        """Put the session's audio back as it was (a tap another wrapper now holds goes quiet)."""
+        tap, self._input_tap = self._input_tap, None
+        if tap is not None:
+            tap.listener = None
+            try:
+                if session.input.audio is tap:
+                    session.input.audio = tap.source
+            except Exception:
+                self.unreadable += 1
+                logger.warning("lk_observe could not restore the audio input", exc_info=True)
+        self._release_output()
+
+    def _release_output(self) -> None:
+        output, saved = self._output, self._output_saved
+        self._output, self._output_saved = None, {}
+        if output is None:
+            return
+        for name in _OUTPUT_HOOKS:
+            if name in saved:
+                setattr(output, name, saved[name])
+            else:
+                output.__dict__.pop(name, None)
+
+    # -- frames (on the session's loop: a few microseconds each, see docs/performance.md) -------
+
+    def _heard_input(self, frame: Any, at: float) -> None:
+        try:
+            self.finder.push(frame.data, frame.sample_rate, frame.num_channels, at)
+            self.frames_heard += 1
+        except Exception:
+            self.unreadable += 1
+            if self.unreadable == 1:
+                logger.warning("lk_observe could not read an input audio frame", exc_info=True)
+
+    def _heard_output(self, frame: Any) -> None:
+        try:
+            if not self._segment_open:
+                self._segment_open = True
+                self.onset.reset()
+            if self.onset.settled:
+                return
+            if self.onset.push(frame.data, frame.sample_rate, frame.num_channels):
+                waiting, self._awaiting = self._awaiting, None
+                if waiting is not None:
+                    self._settle_later(waiting, self.onset.leading_s)
+        except Exception:
+            self.unreadable += 1
+            if self.unreadable == 1:
+                logger.warning("lk_observe could not read an output audio frame", exc_info=True)
+
+    def _segment_ended(self) -> None:
+        self._segment_open = False
+        waiting, self._awaiting = self._awaiting, None
+        if waiting is not None:  # the reply ended before a sound: LiveKit's first frame stands
+            self._settle_later(waiting, None)
+
+    def _settle_later(self, speech_id: str, leading_silence_s: float | None) -> None:
+        """Hand the verdict to the turn after LiveKit's own call returns: the turn it finishes
+        goes to the sinks, which must not delay the audio path."""
+        try:
+            asyncio.get_running_loop().call_soon(self._settle, speech_id, leading_silence_s)
+        except RuntimeError:  # no running loop (a test driving the output by hand)
+            self._settle(speech_id, leading_silence_s)
+
+    def _settle(self, speech_id: str, leading_silence_s: float | None) -> None:
+        me = self._events_ref()
+        if me is None:
+            return
+        try:
+            me._audible(speech_id, leading_silence_s)
+        except Exception:
+            self.unreadable += 1
+            logger.warning("lk_observe could not finish a reply's audio", exc_info=True)
+
+    # -- what the turns get -----------------------------------------------------------------------
+
+    def output_verdict(self, speech_id: str | None) -> tuple[float | None, bool]:
+        """For a reply whose first frame just played: (its leading silence if already known,
+        whether it is still pending). Nothing listened to: (None, False), LiveKit's frame."""
+        if self._output is None or not self._segment_open or not speech_id:
+            return None, False
+        if self.onset.settled:
+            return self.onset.leading_s, False
+        self._awaiting = speech_id
+        return None, True
+
+    def speech_end(
+        self, stopped_speaking_at: object, vad: tuple[float, float] | None
+    ) -> float | None:
+        """Where the user's voice really stopped, near the VAD's estimate; None when the audio
+        cannot say (no input heard, digital silence, typed input, no VAD decision)."""
+        if self._input_tap is None or vad is None or not self.frames_heard:
+            return None
+        estimate = stopped_speaking_at if isinstance(stopped_speaking_at, float) else vad[0]
+        try:
+            heard = self.finder.speech_end(estimate, vad[1])
+        except Exception:
+            self.unreadable += 1
+            logger.warning("lk_observe could not find the speech end", exc_info=True)
+            return None
+        return None if heard is None else heard.at
+
+
+_OUTPUT_HOOKS = ("capture_frame", "flush", "clear_buffer")
+
+
+def _in_chain(head: Any, wanted: Any, link: str) -> bool:
+    """Whether `wanted` is `head` or further down its chain (inputs: `source`; outputs:
+    `next_in_chain`)."""
+    node, depth = head, 0
+    while node is not None and depth < 16:
+        if node is wanted:
+            return True
+        node, depth = getattr(node, link, None), depth + 1
+    return False
 
 
 # the AgentSession events a turn is assembled from -> their reader (plain functions, so the

@@ -187,6 +187,10 @@ def turn_fields(
     fields["over_budget_ms"] = {
         component: _round(over) for component, over in budget_overruns(turn, budget).items()
     }
+    if turn.e2e_source is not None:
+        fields["e2e_source"] = turn.e2e_source
+    if turn.livekit_e2e_ms is not None:
+        fields["livekit_e2e_ms"] = _round(turn.livekit_e2e_ms)
     if turn.played_ms is not None:
         fields["played_ms"] = _round(turn.played_ms)
     if turn.active_agent is not None:

@@ -154,7 +154,8 @@ class SLO:
 
 
 def _tier_slo(tier: Tier, below_ms: float, severity: Severity) -> SLO:
-    """95% of turns within one of the guide's e2e tiers."""
+    """95% of turns within one of the guide's e2e tiers (e2e: the caller's silence, from the
+    real end of the user's speech to the agent's first audible audio)."""
     return SLO(f"e2e_{tier}", "e2e", below_ms / 1000.0, objective=0.95, severity=severity)
 
 

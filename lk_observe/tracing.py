@@ -31,6 +31,7 @@ CHILD_SPANS = {
     "eou": "voice.eou",
     "llm_ttft": "voice.llm",
     "tts_ttfb": "voice.tts",
+    "leading_silence": "voice.leading_silence",
     "tool": "voice.tool",
 }
 _LLM_ROUND_PREFIX = "llm_round_"
@@ -62,6 +63,10 @@ def root_attributes(
         attributes["voice.speech_id"] = turn.speech_id
     if turn.tier is not None:
         attributes["voice.turn.tier"] = turn.tier
+    if turn.e2e_source is not None:
+        attributes["voice.e2e.source"] = turn.e2e_source
+    if turn.livekit_e2e_ms is not None:
+        attributes["voice.latency.livekit_e2e_ms"] = round(turn.livekit_e2e_ms, 3)
     for component, value in turn.latency_ms.items():
         key = _LATENCY_KEYS.get(component) or f"voice.latency.{component}_ms"
         attributes[key] = round(value, 3)

@@ -12,6 +12,11 @@ from typing import Any, Literal, get_args
 
 Tier = Literal["excellent", "good", "slow"]
 TurnKind = Literal["user", "agent"]  # "agent": agent-initiated speech (a greeting), no user turn
+# where e2e's two ends come from: "audio" both heard (the caller's last voiced sample -> the
+# agent's first audible sample); "livekit" neither (LiveKit's stopped_speaking_at -> first agent
+# frame: no audio to read, e.g. typed input or digital silence); "input_audio" / "output_audio":
+# only that end was heard, the other is LiveKit's
+E2ESource = Literal["audio", "livekit", "input_audio", "output_audio"]
 
 # Every component a turn can measure, in display order, with the title people see for it.
 COMPONENT_TITLES: Mapping[str, str] = MappingProxyType(
@@ -22,6 +27,7 @@ COMPONENT_TITLES: Mapping[str, str] = MappingProxyType(
         "eou": "End of turn",
         "llm_ttft": "LLM time to first token",
         "tts_ttfb": "TTS time to first byte",
+        "leading_silence": "Agent's leading silence",
     }
 )
 COMPONENTS: tuple[str, ...] = tuple(COMPONENT_TITLES)
@@ -95,6 +101,8 @@ class Turn:
     played_ms: float | None = None  # how long the reply played before it ended or was cut
     active_agent: str | None = None  # the LiveKit Agent (its id) speaking the reply
     error_type: str | None = None  # a LiveKit error during the reply (e.g. "llm_error")
+    e2e_source: E2ESource | None = None  # None without e2e
+    livekit_e2e_ms: float | None = None  # LiveKit's own figure (e2e_latency), for comparison
 
 
 # Bounds that keep the assembler's memory fixed whatever the event stream does.
@@ -104,8 +112,18 @@ MAX_CLOCK_SKEW_S = 600.0  # an event timestamp further than this from its arriva
 MAX_REPLY_S = 3600.0  # a reply playing longer than this has lost its end
 MIN_VAD_BACKDATE_S = 0.001  # a local VAD back-dates its end of speech by its silence window
 MAX_ERROR_TYPE_LENGTH = 64
+MAX_HEARD_SHIFT_S = 2.0  # the heard speech end is this close to LiveKit's, or it is not used
 MAX_COUNT = 10_000  # tool calls or tokens beyond this in one reply: a broken counter
 _EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency")
+# (speech end heard, first audible sample heard) -> Turn.e2e_source
+_E2E_SOURCES: Mapping[tuple[bool, bool], E2ESource] = MappingProxyType(
+    {
+        (True, True): "audio",
+        (True, False): "input_audio",
+        (False, True): "output_audio",
+        (False, False): "livekit",
+    }
+)
 
 
 def _finite(value: object) -> float | None:
@@ -132,6 +150,8 @@ class _Speech:
     active_agent: str | None = None
     turn: _PendingTurn | None = None
     first_audio_at: float | None = None
+    leading_silence_s: float | None = None  # first frame -> first audible sample, when heard
+    audible_pending: bool = False  # the output is being listened to; its verdict is not in yet
     early: dict[str, float] = field(default_factory=dict)
     llm_rounds: list[tuple[float, float]] = field(default_factory=list)  # (start, first token)
     llm_model: str | None = None
@@ -156,6 +176,8 @@ class _PendingTurn:
     stages: dict[str, Stage]
     committed_at: float
     spoken: bool = True  # False for typed input: nothing is measured from a speech end
+    livekit_end: float | None = None  # LiveKit's speech end (stopped_speaking_at)
+    heard: bool = False  # speech_end is where the voice stopped in the audio, not LiveKit's
 
 
 class TurnAssembler:
@@ -220,10 +242,22 @@ class TurnAssembler:
                 self._vad = (end, at)
         return self.expire(at)
 
+    def vad_decision(self) -> tuple[float, float] | None:
+        """The VAD's last end of speech not yet used by a user turn: (its back-dated estimate,
+        when it was decided), for finding the speech end in the audio."""
+        return self._vad
+
     def user_turn(
-        self, item_id: str, metrics: Mapping[str, Any], speech_id: str | None, at: float
+        self,
+        item_id: str,
+        metrics: Mapping[str, Any],
+        speech_id: str | None,
+        at: float,
+        *,
+        heard_end: float | None = None,
     ) -> list[Turn]:
-        """A user ChatMessage was committed (conversation_item_added, role "user")."""
+        """A user ChatMessage was committed (conversation_item_added, role "user"). `heard_end`:
+        where the user's voice really stopped in the audio the session received, when found."""
         if self._closed or not self._first_sighting(item_id):
             return []
         speech_end = self._timestamp("stopped_speaking_at", metrics.get("stopped_speaking_at"), at)
@@ -235,19 +269,37 @@ class TurnAssembler:
         spoken = speech_end is not None
         if speech_end is None:
             speech_end = at  # typed input: nothing is measured from a speech end
+        livekit_end = speech_end
+        heard = self._heard_end(heard_end, livekit_end, at) if spoken else None
+        if heard is not None:
+            speech_end = heard
         stages: dict[str, Stage] = {}
         vad = self._vad
         # a decision stamped when it arrived (a realtime model's server VAD) measures nothing
+        # from its own estimate; from the heard speech end, it measures the VAD's whole wait
         backdated = vad is not None and vad[1] - vad[0] >= MIN_VAD_BACKDATE_S
-        if spoken and vad is not None and backdated and speech_end - 0.05 <= vad[1] <= at:
+        if (
+            spoken
+            and vad is not None
+            and (backdated or heard is not None)
+            and speech_end - 0.05 <= vad[1] <= at
+        ):
             self._add_stage(stages, "vad", speech_end, vad[1])
         self._vad = None
         for component, key in (("stt", "transcription_delay"), ("eou", "end_of_turn_delay")):
             delay = self._duration(key, metrics.get(key)) if spoken else None
             if delay is not None:
-                self._add_stage(stages, component, speech_end, speech_end + delay)
+                self._add_stage(stages, component, speech_end, livekit_end + delay)
         finished = self._abandon_unanswered(at)
-        turn = _PendingTurn(self._take_index(), speech_end, stages, at, spoken)
+        turn = _PendingTurn(
+            self._take_index(),
+            speech_end,
+            stages,
+            at,
+            spoken,
+            livekit_end=livekit_end if spoken else None,
+            heard=heard is not None,
+        )
         # the current speech is the reply, unless it is a say() or already answers a turn (a
         # filler said from on_user_turn_completed, typed input while the agent speaks): then the
         # newest reply created and not yet answering one, or the next one created
@@ -271,9 +323,13 @@ class TurnAssembler:
         at: float,
         *,
         active_agent: str | None = None,
+        leading_silence_s: float | None = None,
+        audible_pending: bool = False,
     ) -> list[Turn]:
         """agent_state_changed -> "speaking": the reply's first audio frame reached the output;
-        `active_agent` names the agent speaking it (handoffs and tasks change it)."""
+        `active_agent` names the agent speaking it (handoffs and tasks change it). When the output
+        is listened to: `leading_silence_s`, the reply's silence before its first audible sample,
+        or `audible_pending` while it is not known yet (`agent_audible` brings it)."""
         start = self._timestamp("first_audio_at", started_at, at, optional=False)
         if not speech_id or start is None:
             self.skipped["speaking_without_speech"] += 1
@@ -282,6 +338,8 @@ class TurnAssembler:
         if speech.first_audio_at is not None or speech.emitted:
             return self.expire(at)  # resumed after a pause: the first frame already counted
         speech.first_audio_at = start
+        speech.leading_silence_s = self._leading_silence(leading_silence_s)
+        speech.audible_pending = audible_pending and speech.leading_silence_s is None
         speech.active_agent = active_agent if isinstance(active_agent, str) else None
         speech.interrupted = False  # it played: a noise before it was no barge-in after all
         for key in _EARLY_KEYS:
@@ -296,6 +354,18 @@ class TurnAssembler:
             speech.turn = _PendingTurn(self._take_index(), start, {}, at, spoken=False)
             self._pending[speech_id] = speech
             self._agent_turns.add(speech_id)
+        return self._try_finish(speech, at) + self.expire(at)
+
+    def agent_audible(
+        self, speech_id: str | None, leading_silence_s: float | None, at: float
+    ) -> list[Turn]:
+        """The reply's first audible sample was found `leading_silence_s` after its first frame
+        (None: no audible start within the output's limit; LiveKit's first frame stands)."""
+        speech = self._speeches.get(speech_id) if speech_id else None
+        if speech is None or speech.emitted or not speech.audible_pending:
+            return self.expire(at)
+        speech.audible_pending = False
+        speech.leading_silence_s = self._leading_silence(leading_silence_s)
         return self._try_finish(speech, at) + self.expire(at)
 
     def llm_metrics(
@@ -519,6 +589,19 @@ class TurnAssembler:
             return None
         return value
 
+    def _leading_silence(self, raw: float | None) -> float | None:
+        return None if raw is None else self._duration("leading_silence", raw)
+
+    def _heard_end(self, raw: float | None, livekit_end: float, at: float) -> float | None:
+        """The audio's speech end, if usable: near LiveKit's and not after the turn's commit."""
+        if raw is None:
+            return None
+        value = _finite(raw)
+        if value is None or abs(value - livekit_end) > MAX_HEARD_SHIFT_S or value > at:
+            self.skipped["heard_speech_end_unusable"] += 1
+            return None
+        return value
+
     def _duration(self, field_name: str, raw: object, *, optional: bool = True) -> float | None:
         """A delay in seconds within [0, MAX_LATENCY_S], or None (counted unless absent)."""
         if raw is None and optional:
@@ -572,7 +655,7 @@ class TurnAssembler:
             return []
         if speech.done:
             return self._report_live(speech) + self._complete(speech, at)
-        if speech.first_audio_at is None:
+        if speech.first_audio_at is None or speech.audible_pending:
             return []
         # wait for the LLM's own timing (it places the llm span) when the reply had an LLM
         if "llm_node_ttft" in speech.early and not speech.llm_rounds:
@@ -636,8 +719,24 @@ class TurnAssembler:
         assert pending is not None
         is_agent_turn = speech.speech_id in self._agent_turns
         stages = dict(pending.stages)
-        if speech.first_audio_at is not None and not is_agent_turn and pending.spoken:
-            self._add_stage(stages, "e2e", pending.speech_end, speech.first_audio_at)
+        first_audio = speech.first_audio_at
+        heard_from = first_audio  # what the caller hears first: the first audible sample
+        if first_audio is not None and speech.leading_silence_s is not None:
+            heard_from = first_audio + speech.leading_silence_s
+            self._add_stage(stages, "leading_silence", first_audio, heard_from)
+        e2e_source: E2ESource | None = None
+        livekit_e2e: float | None = None
+        if (
+            first_audio is not None
+            and heard_from is not None
+            and not is_agent_turn
+            and pending.spoken
+        ):
+            self._add_stage(stages, "e2e", pending.speech_end, heard_from)
+            if "e2e" in stages:
+                e2e_source = _E2E_SOURCES[(pending.heard, speech.leading_silence_s is not None)]
+            if pending.livekit_end is not None:
+                livekit_e2e = (first_audio - pending.livekit_end) * 1000.0
         if speech.llm_rounds:
             start, first_token = speech.llm_rounds[0]
             node_ttft = speech.early.get("llm_node_ttft")
@@ -658,9 +757,7 @@ class TurnAssembler:
             ended = speech.first_audio_at if speech.first_audio_at is not None else started
         else:
             started = pending.speech_end
-            ended = (
-                speech.first_audio_at if speech.first_audio_at is not None else pending.committed_at
-            )
+            ended = heard_from if heard_from is not None else pending.committed_at
         extra_rounds = {
             f"llm_round_{n}": Stage(s, f) for n, (s, f) in enumerate(speech.llm_rounds[1:], 2)
         }
@@ -690,4 +787,6 @@ class TurnAssembler:
             complete=False,
             active_agent=speech.active_agent,
             error_type=speech.error_type,
+            e2e_source=e2e_source,
+            livekit_e2e_ms=livekit_e2e,
         )

@@ -10,6 +10,7 @@ export UV_PYTHON_DOWNLOADS=never  # use the machine's Python; never fetch one
 bash scripts/setup-prometheus.sh >/dev/null      # Debian prometheus + alertmanager, unpacked
 bash scripts/setup-chromium.sh >/dev/null        # Debian chromium for the live page test
 bash scripts/setup-grafana-schema.sh >/dev/null  # npm @grafana/schema + typescript 5
+bash scripts/setup-espeak.sh >/dev/null          # Debian espeak-ng for the audio ground truth
 
 uv sync --frozen
 uv run ruff check .

@@ -41,6 +41,13 @@ from livekit.agents.metrics import RealtimeModelMetrics
 from livekit.agents.metrics.base import Metadata
 
 from lk_observe.demo import SAMPLE_RATE, ScriptedAudioOutput
+from lk_observe.demo_audio import (
+    INPUT_RATE,
+    PacedAudioInput,
+    last_voiced_sample,
+    noise_floor,
+    synthetic_voice,
+)
 
 FRAME_S = 0.02  # audio is sent in 20 ms frames, as providers stream it
 MODEL, PROVIDER = "scripted-realtime", "lk_observe"
@@ -207,10 +214,11 @@ class ScriptedRealtimeSession(RealtimeSession):
 
     # -- the script ---------------------------------------------------------------------------
 
-    async def play(self) -> None:
-        """Play every utterance on the timeline (zero: now); returns when the last was heard."""
-        zero = time.perf_counter()
-        origin = time.time()
+    async def play(self, zero: float | None = None) -> None:
+        """Play every utterance on the timeline (zero: a perf_counter() reading, default now);
+        returns when the last was heard."""
+        zero = time.perf_counter() if zero is None else zero
+        origin = time.time() - (time.perf_counter() - zero)
 
         async def until(t: float) -> None:
             delay = t - (time.perf_counter() - zero)
@@ -424,10 +432,29 @@ class RealtimePipeline:
     agent: RealtimeAgent
     model: ScriptedRealtimeModel
     output: ScriptedAudioOutput
+    caller: PacedAudioInput | None = None
 
 
-def build_realtime_pipeline(turns: Sequence[RealtimeTurn]) -> RealtimePipeline:
-    """A real AgentSession on the scripted realtime model; play it with `run_realtime`."""
+CALLER_NOISE_DBFS = -60.0
+
+
+def caller_audio(utterances: Sequence[_Utterance], duration_s: float) -> PacedAudioInput:
+    """The caller's microphone: a voice during each utterance (its last voiced sample at the
+    utterance's end, the script's real speech end), a -60 dBFS noise floor elsewhere."""
+    signal = noise_floor(int(duration_s * INPUT_RATE), CALLER_NOISE_DBFS, seed=11)
+    for u in utterances:
+        voice = synthetic_voice(u.end - u.start, seed=u.index)
+        start = round(u.end * INPUT_RATE) - (last_voiced_sample(voice) + 1)
+        signal[start : start + len(voice)] += voice
+    return PacedAudioInput(signal)
+
+
+def build_realtime_pipeline(
+    turns: Sequence[RealtimeTurn], *, with_caller_audio: bool = False
+) -> RealtimePipeline:
+    """A real AgentSession on the scripted realtime model; play it with `run_realtime`. With
+    `with_caller_audio` the session also receives the caller's audio (as a room would send it);
+    without, the model alone hears the caller (a client that sends no audio frames)."""
     model = ScriptedRealtimeModel(turns)
 
     def on_first_frame(at: float) -> None:
@@ -447,7 +474,9 @@ def build_realtime_pipeline(turns: Sequence[RealtimeTurn]) -> RealtimePipeline:
     )
     output = ScriptedAudioOutput(on_first_frame)
     session.output.audio = output
-    return RealtimePipeline(session, RealtimeAgent(model), model, output)
+    caller = caller_audio(model.utterances, model.duration_s + 1.0) if with_caller_audio else None
+    session.input.audio = caller
+    return RealtimePipeline(session, RealtimeAgent(model), model, output, caller)
 
 
 async def run_realtime(pipeline: RealtimePipeline, *, settle_s: float = 0.6) -> None:
@@ -456,8 +485,12 @@ async def run_realtime(pipeline: RealtimePipeline, *, settle_s: float = 0.6) -> 
     await session.start(pipeline.agent)
     rt = model.sessions[-1]
     started = time.perf_counter()
-    await rt.play()
+    caller = pipeline.caller
+    player = asyncio.create_task(caller.play(zero=started)) if caller is not None else None
+    await rt.play(zero=started)
     rest = model.duration_s + settle_s - (time.perf_counter() - started)
     if rest > 0:
         await asyncio.sleep(rest)
+    if player is not None:
+        player.cancel()
     await session.aclose()

@@ -53,3 +53,11 @@ def test_session_overhead_benchmark_reports_every_variant_by_thread() -> None:
     assert ours["ms_per_turn"]["sink"]["mean"] > 0
     assert "attributed_added_ms_per_turn" in ours
     assert "difference" in summary["ratio_to_livekit_tracing"]
+
+
+def test_the_audio_tap_benchmark_reports_per_frame_and_per_second_figures() -> None:
+    results = load_benchmark("bench_audio_taps").main(["--quick"])
+    assert results["input frame, 16 kHz mono (us)"] > 0
+    assert results["input frame through the tap, all in (us)"] > 0
+    assert results["session + Silero, CPU ms per s of audio"] > 0
+    assert "added by lk_observe, CPU ms per s of audio" in results

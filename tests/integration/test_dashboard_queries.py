@@ -38,7 +38,15 @@ from tests import promstack
 AGENTS = ("support", "sales")
 # Median seconds per component, spread so that the e2e SLOs are breached (alerts fire) and every
 # bucket edge the dashboards read has samples on both sides.
-MEDIAN_S = {"e2e": 0.7, "vad": 0.18, "stt": 0.3, "eou": 0.4, "llm_ttft": 0.25, "tts_ttfb": 0.06}
+MEDIAN_S = {
+    "e2e": 0.7,
+    "vad": 0.18,
+    "stt": 0.3,
+    "eou": 0.4,
+    "llm_ttft": 0.25,
+    "tts_ttfb": 0.06,
+    "leading_silence": 0.04,
+}
 HISTORY_S = 3 * 86400 + 2 * 3600  # a little more than the longest burn window (3d)
 HISTORY_STEP_S = 300
 # What Grafana substitutes for the dashboards' default range (now-6h) with a 1s scrape interval.

@@ -5,10 +5,12 @@ stopped events, a response created at the stop, its audio `ttft_s` later, the in
 `RealtimeModelMetrics` as the OpenAI plugin builds them. Each scenario is checked against the
 script's ground truth and against LiveKit's own `ChatMessage.metrics` on `session.history`.
 
-What a realtime turn can report: `e2e` (from the server's speech-stopped event: LiveKit's
-`InputSpeechStoppedEvent` carries no time of its own, so that is the earliest speech end a client
-can know), the model's own `llm_ttft` when its metrics measured one; no STT, no end-of-turn
-delay, no TTS (the model speaks), no local VAD.
+What a realtime turn can report: `e2e` from the caller's real speech end when the session
+receives the caller's audio (lk_observe hears it), else from the server's speech-stopped event
+(LiveKit's `InputSpeechStoppedEvent` carries no time of its own, so that is the earliest speech
+end a client can know); `vad`, the server VAD's wait, when the speech end was heard; the model's
+own `llm_ttft` when its metrics measured one; no STT, no end-of-turn delay, no TTS (the model
+speaks).
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ class Played:
         return [m for m in self.messages if m.role == "assistant"]
 
 
-def play(script: list[RealtimeTurn]) -> Played:
+def play(script: list[RealtimeTurn], *, with_caller_audio: bool = False) -> Played:
     async def go() -> Played:
         provider, exporter = memory_tracing()
         registry = CollectorRegistry()
-        pipeline = build_realtime_pipeline(script)
+        pipeline = build_realtime_pipeline(script, with_caller_audio=with_caller_audio)
         turns: list[lk_observe.Turn] = []
         handle = lk_observe.instrument(
             pipeline.session,
@@ -92,11 +94,15 @@ def assert_every_turn_once_in_order(played: Played, count: int) -> None:
 
 
 def assert_e2e_as_observable(played: Played) -> None:
-    """e2e from the server's speech-stopped event to the first audio played, per the script."""
+    """e2e to the first audio played, per the script: from the caller's real speech end when
+    the caller's audio was heard, else from the server's speech-stopped event."""
     for turn, truth in zip(played.turns, played.truth, strict=True):
-        assert turn.latency_ms["e2e"] == pytest.approx(
-            truth.observable_e2e_ms, abs=E2E_TOLERANCE_MS
-        )
+        if turn.e2e_source == "input_audio":
+            expected = truth.perceived_e2e_ms
+        else:
+            assert turn.e2e_source == "livekit"
+            expected = truth.observable_e2e_ms
+        assert turn.latency_ms["e2e"] == pytest.approx(expected, abs=E2E_TOLERANCE_MS)
         assert turn.tier == tier_for(turn.latency_ms["e2e"])
 
 
@@ -105,7 +111,7 @@ def assert_e2e_as_observable(played: Played) -> None:
 
 @pytest.fixture(scope="module")
 def plain() -> Played:
-    return play([RealtimeTurn(), RealtimeTurn(report_ttft=False)])
+    return play([RealtimeTurn(), RealtimeTurn(report_ttft=False)], with_caller_audio=True)
 
 
 def test_a_realtime_turn_reports_e2e_and_no_pipeline_components(plain: Played) -> None:
@@ -139,9 +145,20 @@ def test_a_ttft_the_model_did_not_measure_is_not_reported(plain: Played) -> None
     assert plain.handle.skipped["llm_ttft_not_reported"] == 1
 
 
-def test_no_vad_component_without_a_local_vad(plain: Played) -> None:
-    for turn in plain.turns:
-        assert "vad" not in turn.latency_ms
+def test_the_server_vads_wait_is_measured_from_the_heard_speech_end(plain: Played) -> None:
+    for turn, truth in zip(plain.turns, plain.truth, strict=True):
+        assert truth.speech_end is not None and truth.speech_stopped is not None
+        waited_ms = (truth.speech_stopped - truth.speech_end) * 1000.0
+        assert turn.latency_ms["vad"] == pytest.approx(waited_ms, abs=E2E_TOLERANCE_MS)
+        assert turn.latency_ms["vad"] == pytest.approx(200.0, abs=20.0)  # server_vad_s
+
+
+def test_without_the_callers_audio_no_vad_and_e2e_from_the_server_stop(
+    barge_in: Played,
+) -> None:
+    for turn in barge_in.turns:
+        assert "vad" not in turn.latency_ms  # a decision stamped on arrival measures nothing
+        assert turn.e2e_source == "livekit"
 
 
 def test_a_ttft_the_model_measured_is_reported_with_its_tokens(plain: Played) -> None:
@@ -156,14 +173,11 @@ def test_a_ttft_the_model_measured_is_reported_with_its_tokens(plain: Played) ->
     assert (turn.input_tokens, turn.output_tokens) == (INPUT_TOKENS, OUTPUT_TOKENS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="e2e starts at input_speech_stopped, which a server VAD sends only after its silence "
-    "window (server_vad_s=0.2 here): the caller's wait is longer by that window, and neither "
-    "LiveKit's InputSpeechStoppedEvent nor any session event carries the real speech end",
-)
 def test_e2e_is_the_callers_perceived_wait(plain: Played) -> None:
+    """A server VAD sends input_speech_stopped only after its silence window (server_vad_s=0.2
+    here), and nothing LiveKit emits carries the real speech end: the caller's audio does."""
     for turn, truth in zip(plain.turns, plain.truth, strict=True):
+        assert turn.e2e_source == "input_audio"  # the model's reply audio is silent here
         assert turn.latency_ms["e2e"] == pytest.approx(truth.perceived_e2e_ms, abs=E2E_TOLERANCE_MS)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from lk_observe.dashboards import build_dashboards, render_dashboards
 from lk_observe.presets import GUIDE_BUDGET
 from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow
-from lk_observe.turns import STAGES
+from lk_observe.turns import COMPONENTS, STAGES
 from tests.fleet_queries import assert_sum_across_pods
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,7 +136,7 @@ def test_latency_queries_request_exemplars_and_heatmaps_read_buckets() -> None:
         if panel["title"] != "Pipeline budget: stacked p50 vs the guide":
             assert target.get("exemplar") is True, panel["title"]
     heatmaps = [p for p in _panels(boards["voice-agent-components.json"]) if p["type"] == "heatmap"]
-    assert len(heatmaps) == 6
+    assert len(heatmaps) == len(COMPONENTS)
     for panel in heatmaps:
         (target,) = panel["targets"]
         assert target["format"] == "heatmap"

@@ -16,6 +16,7 @@ MODULES = sorted(PACKAGE.glob("*.py"))
 # their private attributes are the module's own
 OWN_OBJECTS = {
     ("demo.py", "owner"),  # the scripted plugin that created the stream
+    ("demo_audio.py", "owner"),
     ("instrument.py", "handle"),
     ("livekit_events.py", "me"),
     ("livekit_events.py", "SessionEvents"),

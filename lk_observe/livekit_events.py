@@ -338,7 +338,7 @@ class SessionAudio:
             logger.warning("lk_observe could not listen to the session's audio", exc_info=True)
 
     def _attach_input(self, session: Any) -> None:
-        head = session.input.audio
+        head = getattr(getattr(session, "input", None), "audio", None)  # None: no audio input
         if head is None or _in_chain(head, self._input_tap, "source"):
             return
         if self._input_tap is not None:
@@ -348,7 +348,7 @@ class SessionAudio:
         session.input.audio = self._input_tap
 
     def _attach_output(self, session: Any) -> None:
-        head = session.output.audio
+        head = getattr(getattr(session, "output", None), "audio", None)  # None: text only
         if head is None or _in_chain(head, self._output, "next_in_chain"):
             return
         self._release_output()
@@ -381,9 +381,10 @@ class SessionAudio:
         tap, self._input_tap = self._input_tap, None
         if tap is not None:
             tap.listener = None
+            source = tap.source
             try:
-                if session.input.audio is tap:
-                    session.input.audio = tap.source
+                if getattr(getattr(session, "input", None), "audio", None) is tap:
+                    session.input.audio = source
             except Exception:
                 self.unreadable += 1
                 logger.warning("lk_observe could not restore the audio input", exc_info=True)

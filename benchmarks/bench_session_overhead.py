@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import heapq
 import itertools
@@ -1010,6 +1011,16 @@ class Bench:
 
         SpeechHandle.add_done_callback = add_done_callback  # type: ignore[method-assign,assignment]
         self._undo.append(lambda: setattr(SpeechHandle, "add_done_callback", original))
+        # the audio taps: what lk_observe does with each frame the session moves (the pass-through
+        # hop itself, ~1.5 us a frame in bench_audio_taps.py, is LiveKit's frame loop's here)
+        from lk_observe import livekit_events
+
+        audio = getattr(livekit_events, "SessionAudio", None)
+        for name in ("_heard_input", "_heard_output"):
+            listener = getattr(audio, name, None)
+            if listener is not None:
+                setattr(audio, name, attribution.wrap_callback(listener))
+                self._undo.append(functools.partial(setattr, audio, name, listener))
 
     def close(self) -> None:
         while self._undo:

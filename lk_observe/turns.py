@@ -70,10 +70,10 @@ class Turn:
     "stt" key (never -1 or 0). `stages` holds the same components as time intervals.
 
     A turn is reported twice: live when the reply's first audio plays and its first audible
-    sample is known (`complete=False`: its latency, for metrics, the monitor and SLOs) and complete when the reply ends (`complete=True`:
-    the record `on_turn`, spans and logs get). `interrupted` means what it means in LiveKit: the
-    user cut the reply short, before or after its first audio; on the complete record
-    `played_ms` says how much of it had played by then.
+    sample is known (`complete=False`: its latency, for metrics, the monitor and SLOs) and
+    complete when the reply ends (`complete=True`: the record `on_turn`, spans and logs get).
+    `interrupted` means what it means in LiveKit: the user cut the reply short, before or after
+    its first audio; on the complete record `played_ms` says how much of it had played by then.
     """
 
     index: int

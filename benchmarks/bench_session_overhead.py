@@ -61,6 +61,7 @@ import contextlib
 import functools
 import gc
 import heapq
+import inspect
 import itertools
 import json
 import logging
@@ -743,6 +744,7 @@ class Variant:
     lk_observe: bool = False
     logs: bool = False
     sampling: bool = False
+    deaf: bool = False  # instrument(hear_audio=False): no audio taps
 
     @property
     def traced(self) -> bool:
@@ -753,6 +755,7 @@ PLAIN = "plain"
 LIVEKIT = "livekit tracing"
 LK_OBSERVE = "lk_observe"
 BOTH = "both"
+DEAF = "lk_observe, hear_audio=False"
 LOGS = "lk_observe + logs"
 SAMPLED = "lk_observe, 10% fast traces"
 
@@ -769,6 +772,8 @@ def variants() -> list[Variant]:
     ]
     if hasattr(lk_observe, "TraceSampling"):
         out.append(Variant(SAMPLED, lk_observe=True, sampling=True))
+    if "hear_audio" in inspect.signature(lk_observe.instrument).parameters:
+        out.append(Variant(DEAF, lk_observe=True, deaf=True))
     return out
 
 
@@ -1057,6 +1062,8 @@ class Bench:
                 if variant.sampling:
                     sampling = lk_observe.TraceSampling  # type: ignore[attr-defined,unused-ignore]
                     options["trace_sampling"] = sampling(keep_fraction=0.1)
+                if variant.deaf:
+                    options["hear_audio"] = False
                 handle = lk_observe.instrument(
                     session,
                     tracer_provider=tracing.provider,

@@ -51,6 +51,7 @@ class InstrumentHandle:
         slos: tuple[SLO, ...],
         on_turn: TurnHook | None,
         trace_sampling: TraceSampling | None = None,
+        hear_audio: bool = True,
     ) -> None:
         self.session_id = uuid.uuid4().hex
         self.trace_sampling = trace_sampling
@@ -74,6 +75,7 @@ class InstrumentHandle:
             TurnAssembler(session_id=self.session_id, agent=agent_name),
             self._dispatch,
             functools.partial(metrics.error, agent_name),
+            hear_audio=hear_audio,
         )
         self._session_ref = weakref.ref(session)
         self._active = True
@@ -208,13 +210,16 @@ def instrument(
     slos: Iterable[SLO] | None = None,
     on_turn: TurnHook | None = None,
     trace_sampling: TraceSampling | None = None,
+    hear_audio: bool = True,
 ) -> InstrumentHandle:
     """Observe `session` (a livekit.agents.AgentSession, before or after start()).
 
     `trace_sampling`: keep only the traces worth reading (slow, interrupted, failed and
     tool-calling turns, and a fraction of the rest); default: from LK_OBSERVE_TRACE_KEEP_FRACTION
-    / LK_OBSERVE_TRACE_SLOWER_THAN_MS, else every trace. Instrumenting the same session twice
-    returns the first handle unchanged.
+    / LK_OBSERVE_TRACE_SLOWER_THAN_MS, else every trace. `hear_audio=False`: do not listen to
+    the session's audio (about 3 us per 10 ms input frame on the loop); e2e then starts at
+    LiveKit's end-of-speech estimate (`Turn.e2e_source == "livekit"`). Instrumenting the same
+    session twice returns the first handle unchanged.
     """
     if isinstance(session, type) or not callable(getattr(session, "emit", None)):
         raise TypeError(f"instrument() needs a livekit AgentSession, got {session!r}")
@@ -222,6 +227,8 @@ def instrument(
         raise ValueError("agent_name must be a non-empty string")
     if on_turn is not None and not callable(on_turn):
         raise TypeError("on_turn must be callable")
+    if not isinstance(hear_audio, bool):
+        raise TypeError(f"hear_audio must be True or False, got {hear_audio!r}")
     if trace_sampling is not None and not isinstance(trace_sampling, TraceSampling):
         raise TypeError(
             "trace_sampling must be a lk_observe.TraceSampling, "
@@ -243,6 +250,7 @@ def instrument(
         slos=slo_specs,
         on_turn=on_turn,
         trace_sampling=trace_sampling if trace_sampling is not None else TraceSampling.from_env(),
+        hear_audio=hear_audio,
     )
     handle._attach(session)
     return handle

@@ -58,6 +58,8 @@ class SessionEvents:
         assembler: TurnAssembler,
         deliver: Deliver,
         on_error: Callable[[str], None],
+        *,
+        hear_audio: bool = True,
     ) -> None:
         self.assembler = assembler
         self.unreadable = 0  # events whose shape could not be read (skipped and counted)
@@ -73,7 +75,7 @@ class SessionEvents:
         # LiveKit sets the early metrics for LLM replies only and never clears them: a say()
         # or filler after a reply would read that reply's figures again
         self._early_read: object = None
-        self.audio = SessionAudio(self._self_ref)
+        self.audio = SessionAudio(self._self_ref, enabled=hear_audio)
 
     def read(self, event: str, ev: Any, at: float) -> None:
         """One emitted event (`at`: its arrival, unix seconds). Never raises."""
@@ -313,8 +315,9 @@ class SessionAudio:
     into LiveKit; anything unreadable is counted in `unreadable` and the turn falls back to
     LiveKit's timestamps."""
 
-    def __init__(self, events_ref: weakref.ref[SessionEvents]) -> None:
+    def __init__(self, events_ref: weakref.ref[SessionEvents], *, enabled: bool = True) -> None:
         self._events_ref = events_ref
+        self.enabled = enabled  # False: no hooks; every turn times from LiveKit's timestamps
         self.finder = SpeechEndFinder()
         self.onset = AudibleOnset()
         self.unreadable = 0
@@ -330,6 +333,8 @@ class SessionAudio:
     def attach(self, session: Any) -> None:
         """Listen to the session's current input and output (idempotent; call when the agent is
         not speaking: a hook moved mid-reply would miss the reply's first frames)."""
+        if not self.enabled:
+            return
         try:
             self._attach_input(session)
             self._attach_output(session)

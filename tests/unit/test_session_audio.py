@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
+import pytest
 from livekit import rtc
 from livekit.agents import AgentSession
 from livekit.agents.voice.io import AudioInput
@@ -110,3 +111,33 @@ def test_a_session_without_audio_is_left_alone() -> None:
         handle.uninstrument()
 
     asyncio.run(go())
+
+
+def test_hear_audio_false_puts_no_hook_on_the_session() -> None:
+    async def go() -> None:
+        session: AgentSession[None] = AgentSession()
+        source = _Frames([_frame(0.3)])
+        session.input.audio = source
+        output = ScriptedAudioOutput(lambda _at: None)
+        session.output.audio = output
+        handle = lk_observe.instrument(
+            session,
+            registry=CollectorRegistry(),
+            monitor=lk_observe.LatencyMonitor(),
+            hear_audio=False,
+        )
+        assert session.input.audio is source
+        assert "capture_frame" not in output.__dict__  # the class's own method, unwrapped
+        assert [f async for f in source] and handle.events.audio.frames_heard == 0
+        handle.uninstrument()
+
+    asyncio.run(go())
+
+
+def test_hear_audio_must_be_a_bool() -> None:
+    class Emitting:
+        def emit(self, event: str, *args: Any) -> None:
+            del event, args
+
+    with pytest.raises(TypeError, match="hear_audio"):
+        lk_observe.instrument(Emitting(), hear_audio="no")  # type: ignore[arg-type]

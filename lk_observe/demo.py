@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -260,16 +260,19 @@ class _ScriptedVADStream(vad.VADStream):
         )
 
 
-class ScriptedSTT(stt.STT[Literal["metrics_collected"]]):
-    def __init__(self, utterances: list[_Utterance], clock: _Clock, truth: GroundTruth) -> None:
-        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=True))
-        self._utterances = utterances
-        self._clock = clock
-        self._truth = truth
+class StreamingOnlySTT(stt.STT[Literal["metrics_collected"]]):
+    """A scripted STT: streams only, named `model` by provider "lk_observe"; subclasses open
+    their stream in `open_stream`."""
+
+    def __init__(self, model: str, *, interim_results: bool) -> None:
+        super().__init__(
+            capabilities=stt.STTCapabilities(streaming=True, interim_results=interim_results)
+        )
+        self._model = model
 
     @property
     def model(self) -> str:
-        return "scripted-stt"
+        return self._model
 
     @property
     def provider(self) -> str:
@@ -282,7 +285,7 @@ class ScriptedSTT(stt.STT[Literal["metrics_collected"]]):
         language: NotGivenOr[str] = NOT_GIVEN,
         conn_options: APIConnectOptions,
     ) -> stt.SpeechEvent:
-        raise NotImplementedError("the scripted STT only streams")
+        raise NotImplementedError(f"{self._model} only streams")
 
     def stream(
         self,
@@ -290,6 +293,20 @@ class ScriptedSTT(stt.STT[Literal["metrics_collected"]]):
         language: NotGivenOr[str] = NOT_GIVEN,
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
     ) -> stt.RecognizeStream:
+        return self.open_stream(conn_options)
+
+    def open_stream(self, conn_options: APIConnectOptions) -> stt.RecognizeStream:
+        raise NotImplementedError
+
+
+class ScriptedSTT(StreamingOnlySTT):
+    def __init__(self, utterances: list[_Utterance], clock: _Clock, truth: GroundTruth) -> None:
+        super().__init__("scripted-stt", interim_results=True)
+        self._utterances = utterances
+        self._clock = clock
+        self._truth = truth
+
+    def open_stream(self, conn_options: APIConnectOptions) -> stt.RecognizeStream:
         return _ScriptedSTTStream(self, conn_options)
 
 
@@ -702,6 +719,46 @@ class ScriptedPipeline:
         return last.end + max(t.vad_s, t.stt_s) + 1.0 + (t.tool_s or 0) + t.reply_audio_s
 
 
+def first_frame_recorder(truth: GroundTruth) -> Callable[[float], None]:
+    """Stamps a reply's first frame at the output: it belongs to the reply whose audio the TTS
+    produced last."""
+
+    def on_first_frame(at: float) -> None:
+        candidates = [
+            t
+            for t in [truth.greeting, *truth.turns, *truth.fillers.values()]
+            if t.tts_first_audio is not None and t.first_audio_played is None
+        ]
+        if candidates:
+            max(candidates, key=lambda t: t.tts_first_audio or 0.0).first_audio_played = at
+
+    return on_first_frame
+
+
+def scripted_agent_session(
+    *,
+    vad: vad.VAD,
+    stt: stt.STT[Any],
+    llm: llm.LLM[Any],
+    tts: tts.TTS[Any],
+    min_endpointing_s: float,
+) -> AgentSession[None]:
+    """A real AgentSession on these components, turn detection by VAD, as the scripts time it."""
+    return AgentSession(
+        vad=vad,
+        stt=stt,
+        llm=llm,
+        tts=tts,
+        turn_handling={
+            "turn_detection": "vad",
+            "endpointing": {"min_delay": min_endpointing_s, "max_delay": 3.0},
+            "interruption": {"min_duration": 0.2, "false_interruption_timeout": 1.0},
+        },
+        aec_warmup_duration=None,
+        session_close_transcript_timeout=0.05,  # the scripted STT sends no closing transcript
+    )
+
+
 def build_pipeline(
     turns: Sequence[ScriptedTurn],
     *,
@@ -772,32 +829,16 @@ def build_pipeline(
             g, greeting.tts_ttfb_s, greeting.reply_audio_s
         )
 
-    def on_first_frame(at: float) -> None:
-        # the frame belongs to the reply whose audio the TTS produced last
-        candidates = [
-            t
-            for t in [truth.greeting, *truth.turns, *truth.fillers.values()]
-            if t.tts_first_audio is not None and t.first_audio_played is None
-        ]
-        if candidates:
-            max(candidates, key=lambda t: t.tts_first_audio or 0.0).first_audio_played = at
-
-    session: AgentSession[None] = AgentSession(
+    session = scripted_agent_session(
         vad=ScriptedVAD(utterances, clock, truth),
         stt=ScriptedSTT(utterances, clock, truth),
         llm=ScriptedLLM(llm_replies),
         tts=ScriptedTTS(tts_replies),
-        turn_handling={
-            "turn_detection": "vad",
-            "endpointing": {"min_delay": min_endpointing_s, "max_delay": 3.0},
-            "interruption": {"min_duration": 0.2, "false_interruption_timeout": 1.0},
-        },
-        aec_warmup_duration=None,
-        session_close_transcript_timeout=0.05,  # the scripted STT sends no closing transcript
+        min_endpointing_s=min_endpointing_s,
     )
     audio_input = ScriptedAudioInput()
     session.input.audio = audio_input
-    session.output.audio = ScriptedAudioOutput(on_first_frame)
+    session.output.audio = ScriptedAudioOutput(first_frame_recorder(truth))
     agent = ScriptedAgent(truth, tool_delays, frozenset(i for i, t in enumerate(turns) if t.filler))
     return ScriptedPipeline(session, agent, truth, audio_input, utterances, greeting is not None)
 

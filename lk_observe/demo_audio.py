@@ -15,22 +15,18 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from livekit import rtc
 from livekit.agents import (
-    NOT_GIVEN,
     AgentSession,
     APIConnectOptions,
     LanguageCode,
-    NotGivenOr,
     stt,
     utils,
     vad,
 )
-from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.agents.voice.io import AudioInput
 
 from lk_observe.demo import (
@@ -43,8 +39,11 @@ from lk_observe.demo import (
     ScriptedAudioOutput,
     ScriptedLLM,
     ScriptedTTS,
+    StreamingOnlySTT,
     TTSReply,
     TurnTruth,
+    first_frame_recorder,
+    scripted_agent_session,
 )
 
 INPUT_RATE = 16000
@@ -211,38 +210,16 @@ class PacedAudioInput(AudioInput):
             self._ch.send_nowait(rtc.AudioFrame(chunk.tobytes(), INPUT_RATE, 1, step))
 
 
-class TimedSTT(stt.STT[Literal["metrics_collected"]]):
+class TimedSTT(StreamingOnlySTT):
     """Final transcripts a fixed delay after each utterance's real end of voice."""
 
     def __init__(self, source: PacedAudioInput, truths: list[SpokenTruth], delays: list[float]):
-        super().__init__(capabilities=stt.STTCapabilities(streaming=True, interim_results=False))
+        super().__init__("timed-stt", interim_results=False)
         self._source = source
         self._truths = truths
         self._delays = delays
 
-    @property
-    def model(self) -> str:
-        return "timed-stt"
-
-    @property
-    def provider(self) -> str:
-        return "lk_observe"
-
-    async def _recognize_impl(
-        self,
-        buffer: utils.AudioBuffer,
-        *,
-        language: NotGivenOr[str] = NOT_GIVEN,
-        conn_options: APIConnectOptions,
-    ) -> stt.SpeechEvent:
-        raise NotImplementedError("the timed STT only streams")
-
-    def stream(
-        self,
-        *,
-        language: NotGivenOr[str] = NOT_GIVEN,
-        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
-    ) -> stt.RecognizeStream:
+    def open_stream(self, conn_options: APIConnectOptions) -> stt.RecognizeStream:
         return _TimedSTTStream(self, conn_options)
 
 
@@ -341,30 +318,15 @@ def build_spoken_pipeline(
         signal[start : start + len(clip)] += clip
     audio_input = PacedAudioInput(signal)
 
-    def on_first_frame(at: float) -> None:
-        candidates = [
-            t
-            for t in [truth.greeting, *truth.turns]
-            if t.tts_first_audio is not None and t.first_audio_played is None
-        ]
-        if candidates:
-            max(candidates, key=lambda t: t.tts_first_audio or 0.0).first_audio_played = at
-
-    session: AgentSession[None] = AgentSession(
+    session = scripted_agent_session(
         vad=vad,
         stt=TimedSTT(audio_input, truths, [turn.stt_s for turn in turns]),
         llm=ScriptedLLM(llm_replies),
         tts=ScriptedTTS(tts_replies),
-        turn_handling={
-            "turn_detection": "vad",
-            "endpointing": {"min_delay": min_endpointing_s, "max_delay": 3.0},
-            "interruption": {"min_duration": 0.2, "false_interruption_timeout": 1.0},
-        },
-        aec_warmup_duration=None,
-        session_close_transcript_timeout=0.05,
+        min_endpointing_s=min_endpointing_s,
     )
     session.input.audio = audio_input
-    session.output.audio = ScriptedAudioOutput(on_first_frame)
+    session.output.audio = ScriptedAudioOutput(first_frame_recorder(truth))
     return SpokenPipeline(
         session, ScriptedAgent(truth, {}), audio_input, truths, greeting_audio_s is not None
     )

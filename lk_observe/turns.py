@@ -110,6 +110,7 @@ MAX_TRACKED_SPEECHES = 64
 MAX_LATENCY_S = 120.0  # a stage longer than this is a broken clock, not a slow agent
 MAX_CLOCK_SKEW_S = 600.0  # an event timestamp further than this from its arrival is broken
 MAX_REPLY_S = 3600.0  # a reply playing longer than this has lost its end
+PLAYED_SLACK_S = 0.05  # LiveKit's playout figure may end this much after the reply's done
 MIN_VAD_BACKDATE_S = 0.001  # a local VAD back-dates its end of speech by its silence window
 MAX_ERROR_TYPE_LENGTH = 64
 MAX_HEARD_SHIFT_S = 2.0  # the heard speech end is this close to LiveKit's, or it is not used
@@ -693,7 +694,11 @@ class TurnAssembler:
                 ended = max(end, first_audio)  # the done callback cannot precede the audio
                 played = (ended - first_audio) * 1000.0
             if speech.played_s is not None:  # LiveKit's own playout times: the audio itself
-                played = min(speech.played_s * 1000.0, played if played is not None else math.inf)
+                livekit_ms = speech.played_s * 1000.0
+                # LiveKit stamps the playout's stop a moment after the handle is done; more than
+                # PLAYED_SLACK_S beyond it means messages that were not this reply's
+                if played is None or livekit_ms <= played + PLAYED_SLACK_S * 1000.0:
+                    played = livekit_ms
         # an emitted reply is kept (64 at most) only to recognise its late events: drop what
         # the turn needed, so long-lived objects don't pile up for the garbage collector
         speech.turn = speech.tts_stage = speech.tool = speech.live = None

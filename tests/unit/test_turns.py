@@ -308,6 +308,31 @@ def test_new_user_turn_while_previous_reply_never_played_emits_it_interrupted() 
     assert second.latency_ms["e2e"] == pytest.approx(500.0)
 
 
+@pytest.mark.parametrize(
+    ("stopped_after_done_s", "expected_ms"),
+    [
+        (-0.2, 227.0 - 200.0),  # stopped before the done callback: LiveKit's figure
+        (0.001, 227.0 + 1.0),  # LiveKit stamps the stop a moment after the handle is done
+        (0.5, 227.0),  # far beyond the reply's end: not this reply's message, the done time
+    ],
+)
+def test_played_ms_is_livekits_playout_within_its_slack(
+    stopped_after_done_s: float, expected_ms: float
+) -> None:
+    a = TurnAssembler()
+    _speech_and_user(a)
+    _first_audio(a)
+    _llm(a)
+    done = FIRST_AUDIO + 0.227
+    stopped = {
+        "started_speaking_at": FIRST_AUDIO,
+        "stopped_speaking_at": done + stopped_after_done_s,
+    }
+    a.assistant_message("s1", stopped, at=done)
+    [turn] = a.speech_done("s1", interrupted=True, at=done)
+    assert turn.played_ms == pytest.approx(expected_ms)
+
+
 def test_interrupted_after_first_audio_keeps_e2e() -> None:
     a = TurnAssembler()
     _speech_and_user(a)

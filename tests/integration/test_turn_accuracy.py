@@ -238,7 +238,10 @@ def test_pipeline_without_stt_or_tts_reports_only_what_it_has() -> None:
         await asyncio.to_thread(lk_observe.flush, 10.0)
         await asyncio.sleep(0.05)
         for turn, t in zip(turns, truth.turns, strict=True):
-            assert abs(turn.latency_ms["llm_ttft"] - t.latency_ms()["llm_ttft"]) <= 5.0
+            # LiveKit's llm_node figure: the scripted LLM's own wait plus the framework's steps
+            # before the request (about a millisecond, more on a loaded machine), never less
+            scripted = t.latency_ms()["llm_ttft"]
+            assert scripted - 1.0 <= turn.latency_ms["llm_ttft"] <= scripted + 25.0
         return turns
 
     turns = asyncio.run(play())

@@ -115,7 +115,7 @@ MIN_VAD_BACKDATE_S = 0.001  # a local VAD back-dates its end of speech by its si
 MAX_ERROR_TYPE_LENGTH = 64
 MAX_HEARD_SHIFT_S = 2.0  # the heard speech end is this close to LiveKit's, or it is not used
 MAX_COUNT = 10_000  # tool calls or tokens beyond this in one reply: a broken counter
-_EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency")
+_EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency", "e2e_latency")
 # (speech end heard, first audible sample heard) -> Turn.e2e_source
 _E2E_SOURCES: Mapping[tuple[bool, bool], E2ESource] = MappingProxyType(
     {
@@ -740,7 +740,10 @@ class TurnAssembler:
             self._add_stage(stages, "e2e", pending.speech_end, heard_from)
             if "e2e" in stages:
                 e2e_source = _E2E_SOURCES[(pending.heard, speech.leading_silence_s is not None)]
-            if pending.livekit_end is not None:
+            livekit_s = speech.early.get("e2e_latency")  # LiveKit's own, from its first frame
+            if livekit_s is not None:
+                livekit_e2e = livekit_s * 1000.0
+            elif pending.livekit_end is not None:
                 livekit_e2e = (first_audio - pending.livekit_end) * 1000.0
         if speech.llm_rounds:
             start, first_token = speech.llm_rounds[0]

@@ -76,14 +76,18 @@ def observe_costs(n_turns: int) -> dict[str, float]:
     def unbound() -> None:
         for turn in turns:
             for component, ms in turn.latency_ms.items():
-                latency.labels(component=component, agent=turn.agent).observe(ms / 1000.0)
+                latency.labels(
+                    component=component, agent=turn.agent, provider="", model=""
+                ).observe(ms / 1000.0)
             counter.labels(agent=turn.agent, tier=turn.tier).inc()
 
     def unbound_exemplar() -> None:
         for turn in traced:
             exemplar = {"trace_id": f"{turn.trace_id:032x}"}
             for component, ms in turn.latency_ms.items():
-                latency.labels(component=component, agent=turn.agent).observe(ms / 1000.0, exemplar)
+                latency.labels(
+                    component=component, agent=turn.agent, provider="", model=""
+                ).observe(ms / 1000.0, exemplar)
             counter.labels(agent=turn.agent, tier=turn.tier).inc(1, exemplar)
 
     return {

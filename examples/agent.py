@@ -21,6 +21,11 @@ Silero VAD bundled with livekit-agents is used. Traces go to OTLP through
 lk_observe.configure_tracing() when OTEL_EXPORTER_OTLP_ENDPOINT is set (http/protobuf, port 4318,
 unless OTEL_EXPORTER_OTLP_PROTOCOL=grpc).
 
+Budget signals: when turns keep overrunning the LLM's share of the latency budget, or an SLO of
+this agent starts burning, lk_observe tells the session (`on_budget`, on the agent's loop) and
+`SwitchToFasterLLM` swaps the running agent's LLM for the next faster profile's (fast -> ultra,
+balanced -> fast) with LiveKit's `Agent.update_options(llm=...)`, mid-call.
+
 Settings (environment): AGENT_NAME (metrics label, default "voice-agent"), AGENT_SPEED
 (ultra | fast | balanced, default fast), AGENT_VAD_PRESET (fast_qa | conversation | noisy |
 thoughtful; unset or empty: the profile's), LK_OBSERVE_HOST (default 127.0.0.1; 0.0.0.0 in a pod so
@@ -33,6 +38,7 @@ import asyncio
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 from livekit.agents import (
@@ -51,6 +57,7 @@ from opentelemetry.sdk.trace import TracerProvider
 import lk_observe
 from lk_observe import (
     DEFAULT_SPEED_PROFILE,
+    BudgetSignal,
     Server,
     SpeedProfile,
     VADPreset,
@@ -187,6 +194,62 @@ class Assistant(Agent):
         super().__init__(instructions=INSTRUCTIONS)
 
 
+# the profile to fall back to when the LLM is too slow; "ultra" has nothing faster
+FASTER_PROFILE = {"balanced": "fast", "fast": "ultra"}
+SLOW_LLM_TURNS_BEFORE_SWITCH = 2
+
+
+class SwitchToFasterLLM:
+    """lk_observe's `on_budget` hook: swap the running agent's LLM for a faster one after
+    `after` turns whose LLM time to first token overran its budget, or at once when an SLO of
+    this agent starts burning (every session of the agent hears it). Once per session; it runs
+    on the agent's loop, so it may touch the session directly."""
+
+    def __init__(
+        self,
+        session: AgentSession[Any],
+        faster_llm: Callable[[], Any],
+        *,
+        after: int = SLOW_LLM_TURNS_BEFORE_SWITCH,
+    ) -> None:
+        self._session = session
+        self._faster_llm = faster_llm  # built only when needed
+        self.after = after
+        self.slow_llm_turns = 0
+        self.switched = False
+
+    def __call__(self, signal: BudgetSignal) -> None:
+        if signal.kind == "slo_recovered":
+            logger.info("SLO %s recovered: burn rate %.2f", signal.slo, signal.burn_rate or 0.0)
+            return
+        if signal.kind == "turn_over_budget":
+            if signal.over("llm_ttft") <= 0:
+                return  # another stage was slow: a faster LLM would not help
+            self.slow_llm_turns += 1
+            if self.slow_llm_turns < self.after:
+                return
+            reason = f"{self.slow_llm_turns} turns over the LLM budget"
+        else:
+            reason = f"SLO {signal.slo} burning at {signal.burn_rate or 0.0:.1f}x"
+        if self.switched:
+            return
+        self.switched = True
+        # the agent running now (a handoff changes it); the next LLM request uses the new model
+        self._session.current_agent.update_options(llm=self._faster_llm())
+        logger.warning("switched to a faster LLM: %s", reason)
+
+
+def budget_reaction(
+    session: AgentSession[Any], profile: SpeedProfile | None = None
+) -> SwitchToFasterLLM | None:
+    """The `on_budget` hook for `profile`'s session; None when no profile is faster."""
+    faster = FASTER_PROFILE.get((profile or selected_profile()).name)
+    if faster is None:
+        return None
+    faster_llm = speed_profile(faster).llm
+    return SwitchToFasterLLM(session, lambda: make_component("llm", faster_llm))
+
+
 def make_tracer_provider() -> TracerProvider | None:
     """lk_observe's OTLP provider (bounded, counted exports) when the standard OTEL_* variables
     name a collector; protocol, timeout and queue come from the same variables."""
@@ -253,7 +316,8 @@ server.on("worker_registered", _on_registered)
 @server.rtc_session()
 async def entrypoint(ctx: JobContext) -> None:
     session = build_session(ctx.proc.userdata.get("vad"))
-    lk_observe.instrument(session, agent_name=AGENT_NAME)
+    # the same signals are the session event lk_observe.BUDGET_EVENT ("lk_observe_budget")
+    lk_observe.instrument(session, agent_name=AGENT_NAME, on_budget=budget_reaction(session))
     ctx.add_shutdown_callback(lambda: _flush(ctx.proc.userdata.get("tracer_provider")))
     await session.start(agent=Assistant(), room=ctx.room)
     session.generate_reply(instructions="Greet the user in one short sentence.")

@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from lk_observe.instrument import InstrumentHandle, instrument, uninstrument
 from lk_observe.logs import TurnLogger, add_otel_context, redact_pii
+from lk_observe.measure import measure_latency
 from lk_observe.monitor import LatencyMonitor, default_monitor
 from lk_observe.otlp import configure_tracing, export_health, flush_tracing, shutdown_tracing
 from lk_observe.presets import (
@@ -33,6 +34,7 @@ from lk_observe.presets import (
 )
 from lk_observe.sampling import TraceSampling
 from lk_observe.server import Server, add_readiness_check, create_app, serve
+from lk_observe.signals import BUDGET_EVENT, BudgetSignal
 from lk_observe.sinks import flush
 from lk_observe.slo import (
     DEFAULT_SLOS,
@@ -44,9 +46,12 @@ from lk_observe.slo import (
     evaluate,
     load_slos,
 )
-from lk_observe.turns import COMPONENTS, TIERS, Stage, Turn
+from lk_observe.turns import BREAKDOWN_PARTS, BREAKDOWN_TITLES, COMPONENTS, TIERS, Stage, Turn
 
 __all__ = [
+    "BREAKDOWN_PARTS",
+    "BREAKDOWN_TITLES",
+    "BUDGET_EVENT",
     "COMPONENTS",
     "DEFAULT_BUDGET",
     "DEFAULT_SLOS",
@@ -59,6 +64,7 @@ __all__ = [
     "TIERS",
     "VAD_PRESETS",
     "BudgetLine",
+    "BudgetSignal",
     "BurnWindow",
     "InstrumentHandle",
     "LatencyBudget",
@@ -89,6 +95,7 @@ __all__ = [
     "instrument",
     "known_models",
     "load_slos",
+    "measure_latency",
     "model_latency",
     "redact_pii",
     "serve",

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import math
 import os
 import random
 import signal
@@ -17,11 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 from lk_observe import __version__
 from lk_observe.slo import DEFAULT_SLOS, SLO, SLOFile, read_slo_file, slo_warnings
-from lk_observe.turns import COMPONENTS, TIERS, Turn
+from lk_observe.turns import (
+    BREAKDOWN_PARTS,
+    BREAKDOWN_TITLES,
+    COMPONENTS,
+    TIERS,
+    Turn,
+    component_model,
+)
 
 if TYPE_CHECKING:
-    from lk_observe.demo import ScriptedTurn
+    from lk_observe.demo import ScriptedTurn, SimulatedModel
     from lk_observe.monitor import LatencyMonitor
+    from lk_observe.presets import ModelKind, ModelLatency
     from lk_observe.rules import AlertOptions
 
 
@@ -152,21 +161,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # a well-tuned agent (the guide's fastest stack): within budget but for the script's slow turns
 DEMO_SPEED_PROFILE = "ultra"
+# The provider each stage is compared with (A/B) in the demo: the first of these that is not
+# the speed profile's own model, so both sides are in the guide's latency map.
+DEMO_CHALLENGERS: dict[ModelKind, tuple[str, ...]] = {
+    "stt": ("assemblyai/universal-streaming", "deepgram/nova-3"),
+    "llm": ("openai/gpt-4.1-mini", "groq/llama-3.1-8b-instant"),
+    "tts": ("elevenlabs/eleven_flash_v2_5", "cartesia/sonic-2"),
+}
+
+
+def demo_models(speed: str) -> dict[ModelKind, tuple[ModelLatency, ModelLatency]]:
+    """The two models each stage's requests are split between in the demo: the speed
+    profile's own (A) and a challenger with another latency profile (B)."""
+    from lk_observe.presets import model_latency, speed_profile
+
+    profile = speed_profile(speed)
+    pairs: dict[ModelKind, tuple[ModelLatency, ModelLatency]] = {}
+    chosen: tuple[tuple[ModelKind, str], ...] = (
+        ("stt", profile.stt),
+        ("llm", profile.llm),
+        ("tts", profile.tts),
+    )
+    for kind, own in chosen:
+        mine = model_latency(own, kind)
+        other = next(name for name in DEMO_CHALLENGERS[kind] if name != mine.name)
+        pairs[kind] = (mine, model_latency(other, kind))
+    return pairs
+
+
+def simulated(model: ModelLatency) -> SimulatedModel:
+    """The demo's stand-in for a model of the latency map: "sim-<provider>", same model name."""
+    from lk_observe.demo import SimulatedModel
+
+    return SimulatedModel(f"sim-{model.provider}", model.model)
+
+
+def demo_greeting(speed: str) -> ScriptedTurn:
+    """The agent's greeting, by each stage's first provider at its typical latency."""
+    from lk_observe.demo import ScriptedTurn
+
+    pairs = demo_models(speed)
+    llm, tts = pairs["llm"][0], pairs["tts"][0]
+    llm_ttft = round(sum(llm.typical_ms) / 2000, 3)
+    return ScriptedTurn(
+        reply_audio_s=0.8,
+        llm_ttft_s=llm_ttft,
+        llm_total_s=llm_ttft + 0.2,
+        tts_ttfb_s=round(sum(tts.typical_ms) / 2000, 3),
+        llm_model=simulated(llm),
+        tts_model=simulated(tts),
+    )
 
 
 def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[ScriptedTurn]:
     """Scripted turns whose delays come from the guide: the VAD preset's silence window and the
-    speed profile's models' typical latency, with jitter, an occasional slow LLM turn, a tool
-    call and a caller who talks over a reply that takes too long."""
+    typical latency of the model serving each stage, with jitter, an occasional slow LLM turn,
+    a tool call and a caller who talks over a reply that takes too long. Each stage (STT, LLM,
+    TTS) splits the turns evenly, at random, between two simulated providers (`demo_models`),
+    as an A/B test does."""
     from lk_observe.demo import ScriptedTurn
-    from lk_observe.presets import model_latency, speed_profile, vad_preset
+    from lk_observe.presets import vad_preset
 
     vad = vad_preset(preset)
-    profile = speed_profile(speed)
-    stt, llm, tts = (
-        model_latency(name).typical_ms for name in (profile.stt, profile.llm, profile.tts)
-    )
+    pairs = demo_models(speed)
     rng = random.Random(seed)
+    split: dict[ModelKind, list[int]] = {}
+    for kind in pairs:  # which of the two serves each turn: half each, shuffled
+        split[kind] = [i % 2 for i in range(turns)]
+        rng.shuffle(split[kind])
 
     def within(low_ms: float, high_ms: float, spread: float = 1.0) -> float:
         # mostly inside the typical range, now and then a little past it
@@ -174,7 +236,8 @@ def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[Scrip
 
     script: list[ScriptedTurn] = []
     for i in range(turns):
-        llm_ttft = within(*llm, spread=1.3)
+        stt, llm, tts = (pairs[kind][split[kind][i]] for kind in ("stt", "llm", "tts"))
+        llm_ttft = within(*llm.typical_ms, spread=1.3)
         extra: dict[str, Any] = {}  # ScriptedTurn keyword arguments
         if i % 10 == 7:  # an occasional slow turn: the LLM provider has a bad moment
             llm_ttft = round(rng.uniform(0.9, 1.3), 3)
@@ -186,11 +249,14 @@ def demo_script(turns: int, seed: int, *, preset: str, speed: str) -> list[Scrip
             ScriptedTurn(
                 speech_s=within(600, 1600),
                 vad_s=round(vad.min_silence_duration + rng.uniform(0.0, 0.03), 3),
-                stt_s=within(*stt, spread=1.2),
+                stt_s=within(*stt.typical_ms, spread=1.2),
                 llm_ttft_s=llm_ttft,
                 llm_total_s=llm_ttft + 0.4,
-                tts_ttfb_s=within(*tts, spread=1.2),
+                tts_ttfb_s=within(*tts.typical_ms, spread=1.2),
                 reply_audio_s=within(700, 1500),
+                stt_model=simulated(stt),
+                llm_model=simulated(llm),
+                tts_model=simulated(tts),
                 **extra,
             )
         )
@@ -210,20 +276,27 @@ def _live_table(monitor: LatencyMonitor, agent: str) -> list[str]:
     return lines
 
 
-def _span_line(span: object, origin: int, depth: int) -> str:
+# the stage spans whose latency belongs to a provider's model: span name -> component
+_MODEL_SPANS = {"voice.stt": "stt", "voice.llm": "llm_ttft", "voice.tts": "tts_ttfb"}
+
+
+def _span_line(span: object, origin: int, depth: int, note: str = "") -> str:
     from opentelemetry.sdk.trace import ReadableSpan
 
     assert isinstance(span, ReadableSpan)
     assert span.start_time is not None and span.end_time is not None
     offset = (span.start_time - origin) / 1e6
     length = (span.end_time - span.start_time) / 1e6
-    return f"{'  ' * depth}{span.name:<{25 - 2 * depth}} +{offset:7.1f} ms  {length:7.1f} ms"
+    line = f"{'  ' * depth}{span.name:<{25 - 2 * depth}} +{offset:7.1f} ms  {length:7.1f} ms"
+    return f"{line}  {note}" if note else line
 
 
-def _span_tree(spans: Sequence[object], trace_id: int | None) -> list[str]:
-    """The turn's spans as an indented waterfall, offsets from the root's start."""
+def _span_tree(spans: Sequence[object], turn: Turn) -> list[str]:
+    """The turn's spans as an indented waterfall, offsets from the root's start; the STT, LLM
+    and TTS spans say which provider's model served them."""
     from opentelemetry.sdk.trace import ReadableSpan
 
+    trace_id = turn.trace_id
     mine = [s for s in spans if isinstance(s, ReadableSpan) and s.context.trace_id == trace_id]
     lines: list[str] = []
     for root in (s for s in mine if s.parent is None):
@@ -231,7 +304,82 @@ def _span_tree(spans: Sequence[object], trace_id: int | None) -> list[str]:
         lines.append(_span_line(root, root.start_time, 1))
         children = [s for s in mine if s.parent and s.parent.span_id == root.context.span_id]
         for child in sorted(children, key=lambda s: s.start_time or 0):
-            lines.append(_span_line(child, root.start_time, 2))
+            names = component_model(turn, _MODEL_SPANS.get(child.name, ""))
+            lines.append(_span_line(child, root.start_time, 2, "/".join(names or ())))
+    return lines
+
+
+def _whole_ms(parts: Sequence[tuple[str, float]]) -> list[tuple[str, int]]:
+    """The parts in whole milliseconds that still add up to their rounded total (largest
+    remainder); parts that round to nothing are left out."""
+    total = round(sum(value for _, value in parts))
+    floors = [math.floor(value) for _, value in parts]
+    order = sorted(range(len(parts)), key=lambda i: floors[i] - parts[i][1])  # largest remainder
+    for i in order[: max(total - sum(floors), 0)]:
+        floors[i] += 1
+    return [(name, ms) for (name, _), ms in zip(parts, floors, strict=True) if ms]
+
+
+def _format_breakdown(turn: Turn) -> str | None:
+    """Why the turn took what it took: e2e's parts in order (ms), with the setting that owns
+    a part's wait where there is one."""
+    parts = [(p, turn.breakdown_ms[p]) for p in BREAKDOWN_PARTS if p in turn.breakdown_ms]
+    if not parts:
+        return None
+    shown = []
+    for part, ms in _whole_ms(parts):
+        setting = turn.breakdown_settings.get(part)
+        shown.append(f"{part} {ms}" + (f" ({setting})" if setting else ""))
+    return f"  e2e {round(sum(v for _, v in parts))} ms = " + " + ".join(shown)
+
+
+def _summaries(turns: Sequence[Turn]) -> list[dict[str, Any]]:
+    from lk_observe.recent import turn_summary
+
+    return [turn_summary(turn) for turn in turns]
+
+
+def _breakdown_table(turns: Sequence[Turn]) -> list[str]:
+    """The mean breakdown of e2e over the turns: each part's mean, its share, its setting."""
+    from lk_observe.recent import mean_breakdown
+
+    mean = mean_breakdown(_summaries(turns))
+    if not mean["turns"]:
+        return []
+    e2e: float = mean["e2e_ms"]
+    lines = [f"\nwhy it took that long: mean e2e breakdown over {mean['turns']} turns (ms):"]
+    for row in mean["parts"]:
+        share = row["mean_ms"] / e2e if e2e > 0 else 0.0
+        title = BREAKDOWN_TITLES[row["part"]]
+        setting = row["setting"] or ""
+        lines.append(
+            f"  {row['part']:<23} {title:<33} {row['mean_ms']:7.1f} {share:5.0%}  {setting}"
+        )
+    lines.append(f"  {'e2e':<23} {'End-to-end (the parts add up)':<33} {e2e:7.1f}  100%")
+    return [line.rstrip() for line in lines]
+
+
+def _provider_table(turns: Sequence[Turn]) -> list[str]:
+    """p50/p95 of each component per simulated provider's model, as the demo split them."""
+    from lk_observe.recent import provider_comparison
+
+    rows = provider_comparison(_summaries(turns))
+    if not rows:
+        return []
+    width = max(len(f"{r['provider']}/{r['model']}") for r in rows)
+    lines = [
+        "\nproviders compared (each stage split between two simulated providers; ms):",
+        f"  {'component':<9} {'provider/model':<{width}} {'turns':>5} {'p50':>7} {'p95':>7}",
+    ]
+    previous = None
+    for r in rows:
+        component = r["component"] if r["component"] != previous else ""
+        previous = r["component"]
+        name = f"{r['provider']}/{r['model']}"
+        lines.append(
+            f"  {component:<9} {name:<{width}} {r['turns']:>5} {r['p50_ms']:7.1f} "
+            f"{r['p95_ms']:7.1f}"
+        )
     return lines
 
 
@@ -334,7 +482,7 @@ def _heard_pipeline(
 
 async def _demo(args: argparse.Namespace) -> int:
     import lk_observe
-    from lk_observe.demo import ScriptedTurn, build_pipeline, run_pipeline
+    from lk_observe.demo import build_pipeline, route_providers, run_pipeline
     from lk_observe.presets import speed_profile, vad_preset
     from lk_observe.server import serve
 
@@ -359,8 +507,11 @@ async def _demo(args: argparse.Namespace) -> int:
         done.append(turn)
         user_turns = sum(1 for t in done if t.kind == "user")
         print(f"[{user_turns:>3}/{total}] {_format_turn(turn)}")
+        why = _format_breakdown(turn)
+        if why is not None:
+            print(why)
         if args.spans:
-            for line in _span_tree(memory.get_finished_spans(), turn.trace_id):  # type: ignore[attr-defined]
+            for line in _span_tree(memory.get_finished_spans(), turn):  # type: ignore[attr-defined]
                 print(line)
         if user_turns and user_turns % 5 == 0 and turn.kind == "user":
             print(
@@ -368,10 +519,12 @@ async def _demo(args: argparse.Namespace) -> int:
             )
 
     script = demo_script(total, args.seed, preset=vad.name, speed=profile.name)
+    models = demo_models(profile.name)
     session: Any
     play: Coroutine[Any, Any, Any]
     if args.vad == "silero" or (args.vad == "auto" and silero_installed()):
         session, play = _heard_pipeline(script, args.seed, vad.name)
+        route_providers(session, script, greeting=demo_greeting(profile.name))
         heard_by = (
             "the caller is a synthetic voice over a -50 dBFS noise floor, pushed in 10 ms frames "
             f"at real pace and heard by the real Silero VAD (livekit-plugins-silero, preset "
@@ -380,8 +533,9 @@ async def _demo(args: argparse.Namespace) -> int:
     else:
         pipeline = build_pipeline(
             script,
-            greeting=ScriptedTurn(reply_audio_s=0.8),
+            greeting=demo_greeting(profile.name),
             min_endpointing_s=vad.min_endpointing_delay,
+            min_silence_s=vad.min_silence_duration,
         )
         session, play = pipeline.session, run_pipeline(pipeline)
         heard_by = (
@@ -396,9 +550,12 @@ async def _demo(args: argparse.Namespace) -> int:
         on_turn=on_turn,
     )
     print(
-        f"scripted voice session: {total} user turns, VAD preset {vad.name}, speed {profile.name} "
-        f"({profile.stt} / {profile.llm} / {profile.tts}); no LiveKit server or key needed"
+        f"scripted voice session: {total} user turns, VAD preset {vad.name}, speed {profile.name}"
+        "; no LiveKit server or key needed"
     )
+    print("simulated providers: each stage's turns split between two, at random (A/B):")
+    for kind, (a, b) in models.items():
+        print(f"  {kind}  {simulated(a)} | {simulated(b)}")
     print(f"VAD: {heard_by}")
     task = asyncio.ensure_future(play)
     stop = asyncio.Event()
@@ -430,6 +587,8 @@ async def _demo(args: argparse.Namespace) -> int:
             )
     tiers = {tier: sum(1 for t in done if t.tier == tier) for tier in TIERS}
     print(f"  tiers: {tiers}, interrupted: {sum(1 for t in done if t.interrupted)}")
+    for line in (*_breakdown_table(done), *_provider_table(done)):
+        print(line)
     if server is not None:
         if args.keep_serving and not stop.is_set():
             print(f"serving {server.url}/ until Ctrl-C")

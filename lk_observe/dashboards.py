@@ -25,6 +25,7 @@ from lk_observe.presets import GUIDE_BUDGET
 from lk_observe.promql import (
     ACTIVE_SESSIONS_METRIC,
     ALERT_PREFIX,
+    BREAKDOWN_METRIC,
     BUDGET_OVERRUNS_METRIC,
     ERRORS_METRIC,
     INTERRUPTIONS_METRIC,
@@ -33,8 +34,10 @@ from lk_observe.promql import (
     SESSIONS_METRIC,
     SINK_FAILURES_METRIC,
     TURNS_METRIC,
+    breakdown_expr,
     component_matcher,
     error_ratio_record,
+    mean_expr,
     num,
     percent,
     quantile_expr,
@@ -46,9 +49,11 @@ from lk_observe.promql import (
 )
 from lk_observe.slo import SLO
 from lk_observe.turns import (
+    BREAKDOWN_TITLES,
     COMPONENT_TITLES,
     EXCELLENT_BELOW_MS,
     GOOD_BELOW_MS,
+    MODEL_COMPONENTS,
     STAGES,
     TIERS,
 )
@@ -380,6 +385,119 @@ def _stage_increment_expr(stage: str) -> str:
     return f"clamp_min({p50} - {_component_quantile(0.5, previous)}, 0)"
 
 
+MEAN_E2E = "mean e2e"
+PROVIDER_LABELS = ("component", "provider", "model")
+# the providers table's columns: refId -> (name, unit); Grafana calls a value column "Value #<ref>"
+PROVIDER_COLUMNS = {"A": ("p50", "s"), "B": ("p95", "s"), "C": ("turns", "short")}
+
+
+def _unstacked(color: str, *, dashed: bool) -> list[dash_m.DynamicConfigValue]:
+    """Overrides drawing one series of a stacked panel as a plain line over the stack."""
+    style = {"fill": "dash", "dash": [10, 10]} if dashed else {"fill": "solid"}
+    return [
+        dash_m.DynamicConfigValue(id_val="custom.stacking", value={"mode": "none", "group": "A"}),
+        dash_m.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
+        dash_m.DynamicConfigValue(id_val="custom.lineStyle", value=style),
+        *([] if dashed else [dash_m.DynamicConfigValue(id_val="custom.lineWidth", value=2)]),
+        _color(color),
+    ]
+
+
+def breakdown_panel() -> timeseries.Panel:
+    """Where the wait goes: the mean e2e turn split into its parts, stacked, under the mean."""
+    panel = (
+        _timeseries(
+            "Where the wait goes",
+            "Mean seconds per turn spent in each part of the critical path, from the end of the "
+            "user's speech to the first audible sample of the reply, stacked: "
+            + ", ".join(BREAKDOWN_TITLES.values())
+            + ". Each turn's parts add up to its end-to-end latency, so the stack adds up to the "
+            f"{MEAN_E2E} line. These are means, not percentiles: means add up, percentiles do "
+            "not (the parts' p50s do not sum to the p50 of e2e, which is why the stacked p50 "
+            "panel only approximates the path), and a rare slow part shows here in proportion "
+            "to what it costs. From "
+            f"`{BREAKDOWN_METRIC}` over e2e turns; the turn's trace and log name the setting "
+            "that owns each wait (e.g. the VAD's min_silence_duration, endpointing.min_delay).",
+            "s",
+        )
+        .stacking(common_b.StackingConfig().mode(common.StackingMode.NORMAL).group("A"))
+        .fill_opacity(50)
+        .min(0)
+        .with_target(_query(breakdown_expr(RATE_INTERVAL, AGENT), "{{part}}", "A"))
+        .with_target(
+            _query(mean_expr(RATE_INTERVAL, component_matcher("e2e"), AGENT), MEAN_E2E, "B")
+        )
+    )
+    for part, title in BREAKDOWN_TITLES.items():
+        panel = panel.override_by_name(
+            part, [dash_m.DynamicConfigValue(id_val="displayName", value=title)]
+        )
+    return panel.override_by_name(MEAN_E2E, _unstacked("text", dashed=False))
+
+
+def providers_panel() -> table.Panel:
+    """p50 / p95 / turns per (component, provider, model) over the dashboard's range."""
+    matchers = (
+        f'component=~"{"|".join(MODEL_COMPONENTS)}"',
+        'provider!=""',
+        AGENT,
+    )
+    counted = summed(
+        "increase", selector(LATENCY_COUNT, *matchers), DASHBOARD_RANGE, PROVIDER_LABELS
+    )
+    exprs = {
+        "A": quantile_expr(0.5, DASHBOARD_RANGE, *matchers, by=PROVIDER_LABELS),
+        "B": quantile_expr(0.95, DASHBOARD_RANGE, *matchers, by=PROVIDER_LABELS),
+        "C": counted,
+    }
+    names = {f"Value #{ref}": name for ref, (name, _) in PROVIDER_COLUMNS.items()}
+    panel = (
+        table.Panel()
+        .title("Providers per component")
+        .description(
+            "Each provider and model that served "
+            + ", ".join(f"{COMPONENT_TITLES[c]} ({c})" for c in MODEL_COMPONENTS)
+            + " over the selected range: p50 and p95 of its latency and the turns it served, "
+            "so two models of one stage compare side by side (e.g. during an A/B rollout). "
+            "Turns whose provider is unknown are left out; past 20 (provider, model) pairs per "
+            "process, later ones show as other/other."
+        )
+        .datasource(DATASOURCE)
+        .span(12)
+        .height(8)
+        .unit("s")
+        .no_value("No provider or model reported")
+        .sort_by([common_b.TableSortByFieldState().display_name("component")])
+        .with_transformation(dash_m.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            dash_m.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": {"Time": True},
+                    "renameByName": names,
+                    "indexByName": {
+                        **{label: i for i, label in enumerate(PROVIDER_LABELS)},
+                        **{raw: len(PROVIDER_LABELS) + i for i, raw in enumerate(names)},
+                    },
+                },
+            )
+        )
+    )
+    for ref, expr in exprs.items():
+        name = PROVIDER_COLUMNS[ref][0]
+        panel = panel.with_target(
+            _query(expr, name, ref, instant=True, fmt=prom_m.PromQueryFormat.TABLE)
+        )
+    turns_column = PROVIDER_COLUMNS["C"]
+    return panel.override_by_name(
+        turns_column[0],
+        [
+            dash_m.DynamicConfigValue(id_val="unit", value=turns_column[1]),
+            dash_m.DynamicConfigValue(id_val="decimals", value=0),
+        ],
+    )
+
+
 def components_dashboard(slos: Sequence[SLO]) -> dash_m.Dashboard:
     del slos  # same signature as the others; component panels do not depend on SLOs
     p95 = _timeseries(
@@ -416,14 +534,7 @@ def components_dashboard(slos: Sequence[SLO]) -> dash_m.Dashboard:
     )
     for stage in STAGES:
         budget = budget.with_target(_query(_stage_increment_expr(stage), stage, next(refs)))
-    unstacked = [
-        dash_m.DynamicConfigValue(id_val="custom.stacking", value={"mode": "none", "group": "A"}),
-        dash_m.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
-        dash_m.DynamicConfigValue(
-            id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}
-        ),
-        _color("red"),
-    ]
+    unstacked = _unstacked("red", dashed=True)
     for name, value_ms in (("guide budget low", low_ms), ("guide budget high", high_ms)):
         budget = budget.with_target(_query(f"vector({num(value_ms / 1000.0)})", name, next(refs)))
         budget = budget.override_by_name(name, unstacked)
@@ -462,9 +573,11 @@ def components_dashboard(slos: Sequence[SLO]) -> dash_m.Dashboard:
 
     board = (
         _base("components", "Voice agent / Components", "Where the latency goes, stage by stage.")
-        .with_panel(p95)
+        .with_panel(breakdown_panel())
         .with_panel(budget)
+        .with_panel(p95)
         .with_panel(vs_guide)
+        .with_panel(providers_panel())
         .with_panel(overruns)
         .with_row(dash_b.Row("Latency distribution per component"))
     )

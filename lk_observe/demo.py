@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from livekit.agents import (
     APIConnectOptions,
     LanguageCode,
     NotGivenOr,
+    UserInputTranscribedEvent,
     function_tool,
     llm,
     stt,
@@ -40,6 +41,23 @@ SAMPLE_RATE = 24000
 _MIN_SPEECH_S = 0.05  # VAD needs this much speech before declaring its start
 _VAD_UPDATE_S = 0.05
 _NOISE_S = 0.3  # long enough for LiveKit to pause the reply (interruption min_duration 0.2)
+
+
+@dataclass(frozen=True)
+class SimulatedModel:
+    """A simulated provider's model, named as a plugin names itself to LiveKit (its `provider`
+    and `model`, which LiveKit copies into its metrics metadata). The provider's name starts
+    with "sim-": the scripted pipeline calls nothing; only its latency is the model's."""
+
+    provider: str
+    model: str
+
+    def __post_init__(self) -> None:
+        if not self.provider.startswith("sim-"):
+            raise ValueError(f"a simulated provider's name starts with 'sim-': {self.provider!r}")
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,12 @@ class ScriptedTurn:
     noise_after_s: float | None = None  # a noise (VAD hears speech, STT nothing) this long
     # after the user's speech end: a false interruption the reply resumes after
     gap_s: float = 0.4  # silence between the end of the reply and the next utterance
+    hook_s: float = 0.0  # on_user_turn_completed takes this long (a lookup before the reply)
+    # the simulated provider each stage's request for this turn is routed to, as an A/B router
+    # does (see `route_providers`); None: the scripted plugin's own name ("lk_observe")
+    stt_model: SimulatedModel | None = None
+    llm_model: SimulatedModel | None = None
+    tts_model: SimulatedModel | None = None
 
 
 @dataclass
@@ -79,6 +103,7 @@ class TurnTruth:
     tts_first_audio: float | None = None
     first_audio_played: float | None = None
     tool: tuple[float, float] | None = None
+    hook_end: float | None = None  # on_user_turn_completed returned (it started at `eou`)
 
     def latency_ms(self) -> dict[str, float]:
         """The components lk_observe measures (README, "What is measured"), from the pipeline's
@@ -192,11 +217,25 @@ class _Clock:
 
 
 class ScriptedVAD(vad.VAD):
-    def __init__(self, utterances: list[_Utterance], clock: _Clock, truth: GroundTruth) -> None:
+    def __init__(
+        self,
+        utterances: list[_Utterance],
+        clock: _Clock,
+        truth: GroundTruth,
+        *,
+        min_silence_duration: float | None = None,
+    ) -> None:
         super().__init__(capabilities=vad.VADCapabilities(update_interval=_VAD_UPDATE_S))
         self._utterances = utterances
         self._clock = clock
         self._truth = truth
+        self._min_silence_duration = min_silence_duration
+
+    @property
+    def min_silence_duration(self) -> float | None:
+        """The silence window the script's VAD delays stand for (a Silero VAD's setting of that
+        name), when the script says; each turn's `vad_s` is that window plus detection jitter."""
+        return self._min_silence_duration
 
     @property
     def model(self) -> str:
@@ -260,23 +299,46 @@ class _ScriptedVADStream(vad.VADStream):
         )
 
 
+class _Router:
+    """An A/B router in front of a scripted plugin: each request (keyed by its text) goes to the
+    simulated provider `routes` names for it, and `serving` is the one serving now. The plugin's
+    `provider` and `model` name it, so LiveKit's metrics metadata says who served the request."""
+
+    def __init__(self, routes: Mapping[str, SimulatedModel] | None) -> None:
+        self.routes: dict[str, SimulatedModel] = dict(routes or {})
+        self.serving: SimulatedModel | None = None
+        self.sessions: set[int] = set()  # sessions whose transcripts it follows (an STT's)
+
+    def serve(self, key: str) -> None:
+        """A request with this key is being served: by its route (a key with no route stays
+        with the provider serving now, as one connection would)."""
+        self.serving = self.routes.get(key, self.serving)
+
+    def names(self, provider: str, model: str) -> tuple[str, str]:
+        serving = self.serving
+        return (provider, model) if serving is None else (serving.provider, serving.model)
+
+
 class StreamingOnlySTT(stt.STT[Literal["metrics_collected"]]):
-    """A scripted STT: streams only, named `model` by provider "lk_observe"; subclasses open
-    their stream in `open_stream`."""
+    """A scripted STT: streams only, named `model` by provider "lk_observe" (or, routed by
+    `route_providers`, by the simulated provider that transcribed the latest utterance);
+    subclasses open their stream in `open_stream`."""
 
     def __init__(self, model: str, *, interim_results: bool) -> None:
         super().__init__(
             capabilities=stt.STTCapabilities(streaming=True, interim_results=interim_results)
         )
         self._model = model
+        # final transcript text -> the provider transcribing it (`route_providers` sets it up)
+        self.router = _Router(None)
 
     @property
     def model(self) -> str:
-        return self._model
+        return self.router.names("lk_observe", self._model)[1]
 
     @property
     def provider(self) -> str:
-        return "lk_observe"
+        return self.router.names("lk_observe", self._model)[0]
 
     async def _recognize_impl(
         self,
@@ -346,18 +408,36 @@ class LLMReply:
     tool_call: llm.FunctionToolCall | None = None
 
 
+def _request_key(chat_ctx: llm.ChatContext) -> str:
+    """What a scripted LLM answers: the text of the request's last item."""
+    if not chat_ctx.items:
+        return ""
+    item = chat_ctx.items[-1]
+    if item.type == "message":
+        return item.text_content or ""
+    if item.type == "function_call_output":
+        return item.output
+    return ""
+
+
 class ScriptedLLM(llm.LLM[Literal["metrics_collected"]]):
-    def __init__(self, replies: dict[str, LLMReply]) -> None:
+    """Answers each request by its last item's text; with `routes` (that text ->
+    SimulatedModel) each request is served by, and named after, its routed provider."""
+
+    def __init__(
+        self, replies: dict[str, LLMReply], *, routes: Mapping[str, SimulatedModel] | None = None
+    ) -> None:
         super().__init__()
         self._replies = replies
+        self.router = _Router(routes)
 
     @property
     def model(self) -> str:
-        return "scripted-llm"
+        return self.router.names("lk_observe", "scripted-llm")[1]
 
     @property
     def provider(self) -> str:
-        return "lk_observe"
+        return self.router.names("lk_observe", "scripted-llm")[0]
 
     def chat(
         self,
@@ -369,6 +449,8 @@ class ScriptedLLM(llm.LLM[Literal["metrics_collected"]]):
         tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
         extra_kwargs: NotGivenOr[dict[str, Any]] = NOT_GIVEN,
     ) -> llm.LLMStream:
+        # routed when asked: LiveKit names the request's metrics after it when it ends
+        self.router.serve(_request_key(chat_ctx))
         return _ScriptedLLMStream(self, chat_ctx, tools or [], conn_options)
 
 
@@ -383,17 +465,9 @@ class _ScriptedLLMStream(llm.LLMStream):
         super().__init__(owner, chat_ctx=chat_ctx, tools=tools, conn_options=conn_options)
         self._owner = owner
 
-    def _key(self) -> str:
-        item = self.chat_ctx.items[-1]
-        if item.type == "message":
-            return item.text_content or ""
-        if item.type == "function_call_output":
-            return item.output
-        return ""
-
     async def _run(self) -> None:
         started_perf, started = time.perf_counter(), time.time()
-        reply = self._owner._replies.get(self._key())
+        reply = self._owner._replies.get(_request_key(self.chat_ctx))
         if reply is None:
             return
         await asyncio.sleep(reply.ttft_s)
@@ -452,27 +526,37 @@ class TTSReply:
         return round(SAMPLE_RATE * self.leading_silence_s)
 
 
+def _reply_head(text: str) -> str:
+    """A reply's first word: what tells the scripted replies apart."""
+    return text.strip().split(" ", 1)[0]
+
+
 class ScriptedTTS(tts.TTS[Literal["metrics_collected"]]):
-    def __init__(self, replies: dict[str, TTSReply]) -> None:
+    """Speaks each reply by its first word; with `routes` (that word -> SimulatedModel) each
+    reply is synthesized by, and named after, its routed provider."""
+
+    def __init__(
+        self, replies: dict[str, TTSReply], *, routes: Mapping[str, SimulatedModel] | None = None
+    ) -> None:
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=True),
             sample_rate=SAMPLE_RATE,
             num_channels=1,
         )
         self._replies = replies
+        self.router = _Router(routes)
 
     def reply_for(self, text: str) -> TTSReply | None:
         """The reply whose text starts with what has arrived so far (replies differ early)."""
-        head = text.strip().split(" ", 1)[0]
-        return self._replies.get(head)
+        return self._replies.get(_reply_head(text))
 
     @property
     def model(self) -> str:
-        return "scripted-tts"
+        return self.router.names("lk_observe", "scripted-tts")[1]
 
     @property
     def provider(self) -> str:
-        return "lk_observe"
+        return self.router.names("lk_observe", "scripted-tts")[0]
 
     def synthesize(
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
@@ -514,6 +598,8 @@ class _ScriptedTTSStream(tts.SynthesizeStream):
             reply = self._owner.reply_for(text)
             if reply is None:
                 continue
+            # routed as its synthesis starts: LiveKit names the reply's audio after it
+            self._owner.router.serve(_reply_head(text))
             segment_open = True
             await asyncio.sleep(reply.ttfb_s)
             if reply.truth.tts_first_text is None:
@@ -641,11 +727,13 @@ class ScriptedAgent(Agent):
         truth: GroundTruth,
         tool_delays: dict[int, float],
         fillers: frozenset[int] = frozenset(),
+        hook_delays: Mapping[int, float] | None = None,
     ) -> None:
         super().__init__(instructions="You are a scripted test agent.")
         self._truth = truth
         self._tool_delays = tool_delays
         self._fillers = fillers
+        self._hook_delays = hook_delays or {}
 
     async def on_user_turn_completed(
         self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage
@@ -658,6 +746,9 @@ class ScriptedAgent(Agent):
                 self._truth.turns[index].eou = time.time()
             if index in self._fillers:
                 self.session.say(_filler_text(index))
+            if self._hook_delays.get(index):
+                await asyncio.sleep(self._hook_delays[index])
+                self._truth.turns[index].hook_end = time.time()
 
     @function_tool
     async def ask_consent(self, turn: int) -> str:
@@ -668,7 +759,10 @@ class ScriptedAgent(Agent):
     @function_tool
     async def transfer(self) -> tuple[Agent, str]:
         """Hand the caller over to the specialist."""
-        return ScriptedSpecialist(self._truth, self._tool_delays, self._fillers), "transferred"
+        return (
+            ScriptedSpecialist(self._truth, self._tool_delays, self._fillers, self._hook_delays),
+            "transferred",
+        )
 
     @function_tool
     async def lookup(self, turn: int) -> str:
@@ -742,8 +836,10 @@ def scripted_agent_session(
     llm: llm.LLM[Any],
     tts: tts.TTS[Any],
     min_endpointing_s: float,
+    preemptive: bool = True,
 ) -> AgentSession[None]:
-    """A real AgentSession on these components, turn detection by VAD, as the scripts time it."""
+    """A real AgentSession on these components, turn detection by VAD, as the scripts time it
+    (`preemptive`: LiveKit's preemptive generation, on by default as in LiveKit)."""
     return AgentSession(
         vad=vad,
         stt=stt,
@@ -753,10 +849,59 @@ def scripted_agent_session(
             "turn_detection": "vad",
             "endpointing": {"min_delay": min_endpointing_s, "max_delay": 3.0},
             "interruption": {"min_duration": 0.2, "false_interruption_timeout": 1.0},
+            "preemptive_generation": {"enabled": preemptive},
         },
         aec_warmup_duration=None,
         session_close_transcript_timeout=0.05,  # the scripted STT sends no closing transcript
     )
+
+
+def route_providers(
+    session: AgentSession[Any],
+    turns: Sequence[ScriptedTurn],
+    *,
+    greeting: ScriptedTurn | None = None,
+) -> None:
+    """Route each scripted turn's requests to the simulated providers it names
+    (`ScriptedTurn.stt_model`, `llm_model`, `tts_model`), as an A/B router in front of the
+    session's scripted STT, LLM and TTS would; stages left None keep their plugin's own name."""
+    stt_routes: dict[str, SimulatedModel] = {}
+    llm_routes: dict[str, SimulatedModel] = {}
+    tts_routes: dict[str, SimulatedModel] = {}
+    for i, turn in enumerate(turns):
+        if turn.stt_model is not None:
+            stt_routes[_user_text(i)] = turn.stt_model
+        if turn.llm_model is not None:
+            keys = [_user_text(i), _tool_result(i), f"consent-{i}-True"]
+            for key in [*keys, *(["transferred"] if turn.handoff else [])]:
+                llm_routes[key] = turn.llm_model
+        if turn.tts_model is not None:
+            for text in (_reply_text(i), _filler_text(i), _check_text(i), _task_text(i)):
+                tts_routes[_reply_head(text)] = turn.tts_model
+    if greeting is not None and greeting.llm_model is not None:
+        llm_routes[GREETING_PROMPT] = greeting.llm_model
+    if greeting is not None and greeting.tts_model is not None:
+        tts_routes[_reply_head(GREETING_TEXT)] = greeting.tts_model
+    for plugin, routes in (
+        (session.stt, stt_routes),
+        (session.llm, llm_routes),
+        (session.tts, tts_routes),
+    ):
+        if isinstance(plugin, (StreamingOnlySTT, ScriptedLLM, ScriptedTTS)):
+            plugin.router.routes.update(routes)
+    stt_plugin = session.stt
+    if isinstance(stt_plugin, StreamingOnlySTT) and id(session) not in stt_plugin.router.sessions:
+        # the STT's router learns which utterance was transcribed from its final transcript,
+        # which LiveKit announces as it arrives: before it commits the turn and reads the
+        # STT's names into the turn's metrics
+        stt_plugin.router.sessions.add(id(session))
+        router = stt_plugin.router
+
+        def transcribed(ev: UserInputTranscribedEvent) -> None:
+            if ev.is_final:
+                router.serve(ev.transcript)
+
+        session.on("user_input_transcribed", transcribed)
 
 
 def build_pipeline(
@@ -764,8 +909,12 @@ def build_pipeline(
     *,
     greeting: ScriptedTurn | None = None,
     min_endpointing_s: float = 0.1,
+    preemptive: bool = True,
+    min_silence_s: float | None = None,
 ) -> ScriptedPipeline:
-    """A real AgentSession wired to scripted components; call `run_pipeline` to play it."""
+    """A real AgentSession wired to scripted components; call `run_pipeline` to play it.
+    `min_silence_s`: the VAD silence window the turns' `vad_s` stand for (the scripted VAD's
+    `min_silence_duration`, which names the setting that owns that wait)."""
     truth = GroundTruth(turns=[TurnTruth() for _ in turns])
     utterances = plan_timeline(turns, lead_s=(greeting.reply_audio_s + 1.0) if greeting else 0.6)
     clock = _Clock(truth)
@@ -830,16 +979,23 @@ def build_pipeline(
         )
 
     session = scripted_agent_session(
-        vad=ScriptedVAD(utterances, clock, truth),
+        vad=ScriptedVAD(utterances, clock, truth, min_silence_duration=min_silence_s),
         stt=ScriptedSTT(utterances, clock, truth),
         llm=ScriptedLLM(llm_replies),
         tts=ScriptedTTS(tts_replies),
         min_endpointing_s=min_endpointing_s,
+        preemptive=preemptive,
     )
+    route_providers(session, turns, greeting=greeting)
     audio_input = ScriptedAudioInput()
     session.input.audio = audio_input
     session.output.audio = ScriptedAudioOutput(first_frame_recorder(truth))
-    agent = ScriptedAgent(truth, tool_delays, frozenset(i for i, t in enumerate(turns) if t.filler))
+    agent = ScriptedAgent(
+        truth,
+        tool_delays,
+        frozenset(i for i, t in enumerate(turns) if t.filler),
+        {i: t.hook_s for i, t in enumerate(turns) if t.hook_s},
+    )
     return ScriptedPipeline(session, agent, truth, audio_input, utterances, greeting is not None)
 
 

@@ -27,7 +27,9 @@ from lk_observe.livekit_events import OBSERVED_EVENTS, SessionEvents, add_job_sh
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor, default_monitor
 from lk_observe.otlp import flush_tracing
+from lk_observe.presets import DEFAULT_BUDGET, LatencyBudget
 from lk_observe.sampling import TraceSampling, TurnSampler
+from lk_observe.signals import BudgetHook
 from lk_observe.sinks import TurnHook, TurnSinks, sink_worker
 from lk_observe.slo import DEFAULT_SLOS, SLO
 from lk_observe.tracing import TurnTracer
@@ -52,6 +54,8 @@ class InstrumentHandle:
         on_turn: TurnHook | None,
         trace_sampling: TraceSampling | None = None,
         hear_audio: bool = True,
+        on_budget: BudgetHook | None = None,
+        budget: LatencyBudget = DEFAULT_BUDGET,
     ) -> None:
         self.session_id = uuid.uuid4().hex
         self.trace_sampling = trace_sampling
@@ -69,6 +73,10 @@ class InstrumentHandle:
             slos=slos,
             on_turn=on_turn,
             sampler=None if trace_sampling is None else TurnSampler(trace_sampling, slos),
+            budget=budget,
+            on_budget=on_budget,
+            session=session,  # budget signals go to its BUDGET_EVENT listeners too
+            session_id=self.session_id,
         )
         self.events = SessionEvents(
             session,
@@ -120,6 +128,7 @@ class InstrumentHandle:
         if not self._active:
             return
         self._active = False
+        self.sinks.stop_signals()
         session = self._session_ref()
         if session is not None:
             if session.__dict__.get("emit") is self._wrapped_emit:
@@ -199,6 +208,56 @@ class InstrumentHandle:
         self.turns_emitted += sum(turn.complete for turn in turns)
         self.sinks.submit(turns, self.events.livekit_span)
 
+    # -- measure_latency ----------------------------------------------------------------------
+
+    def record_measured(
+        self, component: str, start: float, end: float, speech_id: str | None
+    ) -> None:
+        """One `measure_latency` measurement taken inside this session (unix seconds): into
+        the monitor and the latency histogram on the sink thread, and to the turn it belongs
+        to on the agent's loop. Never blocks, never raises."""
+        monitor, metrics, agent = self.monitor, self.metrics, self.agent_name
+        seconds = max(0.0, end - start)
+
+        def record() -> None:
+            try:
+                monitor.record(component, seconds * 1000.0, agent=agent)
+            except Exception:
+                metrics.sink_failure("measure")
+            try:
+                metrics.observe_measured(agent, component, seconds)
+            except Exception:
+                metrics.sink_failure("measure")
+
+        sink_worker().submit(record)  # a full queue counts it in SinkWorker.dropped
+        if not self._active:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # a worker thread (asyncio.to_thread, an executor)
+            running = None
+        loop = self.events.loop or running  # instrumented before the loop ran: not known yet
+        if loop is None:
+            return
+        at = time.time()
+        if running is loop:
+            self._measured_to_turn(component, start, end, speech_id, at)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(
+                    self._measured_to_turn, component, start, end, speech_id, at
+                )
+
+    def _measured_to_turn(
+        self, component: str, start: float, end: float, speech_id: str | None, at: float
+    ) -> None:
+        if not self._active:
+            return
+        try:
+            self.events.measured(component, start, end, speech_id, at)
+        except Exception:
+            self.metrics.sink_failure("measure")
+
 
 def instrument(
     session: Any,
@@ -211,6 +270,8 @@ def instrument(
     on_turn: TurnHook | None = None,
     trace_sampling: TraceSampling | None = None,
     hear_audio: bool = True,
+    on_budget: BudgetHook | None = None,
+    budget: LatencyBudget | None = None,
 ) -> InstrumentHandle:
     """Observe `session` (a livekit.agents.AgentSession, before or after start()).
 
@@ -218,8 +279,11 @@ def instrument(
     tool-calling turns, and a fraction of the rest); default: from LK_OBSERVE_TRACE_KEEP_FRACTION
     / LK_OBSERVE_TRACE_SLOWER_THAN_MS, else every trace. `hear_audio=False`: do not listen to
     the session's audio (about 3 us per 10 ms input frame on the loop); e2e then starts at
-    LiveKit's end-of-speech estimate (`Turn.e2e_source == "livekit"`). Instrumenting the same
-    session twice returns the first handle unchanged.
+    LiveKit's end-of-speech estimate (`Turn.e2e_source == "livekit"`). `on_budget`: called
+    with a `BudgetSignal` on the agent's loop when a turn overruns `budget` (default: the
+    guide's, DEFAULT_BUDGET) at its first audio, and when one of `slos` starts or stops burning;
+    the same signal is emitted as the session event BUDGET_EVENT ("lk_observe_budget").
+    Instrumenting the same session twice returns the first handle unchanged.
     """
     if isinstance(session, type) or not callable(getattr(session, "emit", None)):
         raise TypeError(f"instrument() needs a livekit AgentSession, got {session!r}")
@@ -227,6 +291,10 @@ def instrument(
         raise ValueError("agent_name must be a non-empty string")
     if on_turn is not None and not callable(on_turn):
         raise TypeError("on_turn must be callable")
+    if on_budget is not None and not callable(on_budget):
+        raise TypeError("on_budget must be callable")
+    if budget is not None and not isinstance(budget, LatencyBudget):
+        raise TypeError(f"budget must be a lk_observe.LatencyBudget, got {type(budget).__name__}")
     if not isinstance(hear_audio, bool):
         raise TypeError(f"hear_audio must be True or False, got {hear_audio!r}")
     if trace_sampling is not None and not isinstance(trace_sampling, TraceSampling):
@@ -251,9 +319,20 @@ def instrument(
         on_turn=on_turn,
         trace_sampling=trace_sampling if trace_sampling is not None else TraceSampling.from_env(),
         hear_audio=hear_audio,
+        on_budget=on_budget,
+        budget=DEFAULT_BUDGET if budget is None else budget,
     )
     handle._attach(session)
     return handle
+
+
+def handle_for(session: Any) -> InstrumentHandle | None:
+    """The active handle `instrument()` attached to `session`; None when it is not observed."""
+    try:
+        handle = getattr(session, _MARKER, None)
+    except Exception:  # an object whose attribute lookup raises: not ours
+        return None
+    return handle if isinstance(handle, InstrumentHandle) and handle.active else None
 
 
 def uninstrument(session: Any) -> None:

@@ -8,6 +8,11 @@ test_livekit_events.py fails loudly when an upgrade removes one):
   LiveKit sets just before the agent starts speaking (for its console) and emits nowhere else.
 - `SpeechHandle._agent_turn_context`: the OTel context of LiveKit's own `agent_turn` span,
   so a turn's trace can link to it when LiveKit's telemetry is on.
+- `agent_activity._AgentActivityContextVar` / `agent_activity._SpeechHandleContextVar`: the
+  session and reply the calling code runs for, so `measure_latency` puts a measurement on its
+  turn (LiveKit sets both for every task an agent starts: replies, tools, hooks).
+- `AgentSession._events` (livekit.rtc's `EventEmitter`): whether anyone listens to the budget
+  signal's session event, so a session without listeners is not woken for one.
 
 The session's audio is listened to through public hooks only: a pass-through `AudioInput` at the
 head of `session.input.audio`'s chain (LiveKit's own recorder wraps inputs the same way) and the
@@ -38,6 +43,9 @@ logger = logging.getLogger(__name__)
 PRIVATE_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("AgentSession", "_early_assistant_metrics"),
     ("SpeechHandle", "_agent_turn_context"),
+    ("agent_activity", "_AgentActivityContextVar"),
+    ("agent_activity", "_SpeechHandleContextVar"),
+    ("AgentSession", "_events"),
 )
 _MAX_TRACKED_HANDLES = 64
 MAX_AGENT_ID = 64  # characters of an Agent id kept on a turn
@@ -144,6 +152,7 @@ class SessionEvents:
             active_agent=_agent_id(session),
             leading_silence_s=leading_silence,
             audible_pending=pending,
+            tts_model=_plugin_model(session, "tts"),
         )
         self._arm_expiry()
         return turns
@@ -163,6 +172,7 @@ class SessionEvents:
                 heard_end=self.audio.speech_end(
                     metrics.get("stopped_speaking_at"), self.assembler.vad_decision()
                 ),
+                settings=breakdown_settings(self._session_ref()),
             )
         elif kind == "message" and item.role == "assistant":
             return self.assembler.assistant_message(
@@ -229,6 +239,18 @@ class SessionEvents:
             output_tokens=output_tokens,
             at=at,
         )
+
+    def measured(
+        self, component: str, start: float, end: float, speech_id: str | None, at: float
+    ) -> None:
+        """The user's code timed with measure_latency (on the loop). Never raises."""
+        if not self._active:
+            return
+        try:
+            self._deliver_turns(self.assembler.measured(component, start, end, speech_id, at))
+        except Exception:
+            self.unreadable += 1
+            logger.warning("lk_observe could not record a measurement", exc_info=True)
 
     # -- replies that finish without an event ---------------------------------------------------
 
@@ -524,6 +546,76 @@ def _agent_id(session: Any) -> str | None:
     return agent_id[:MAX_AGENT_ID] if isinstance(agent_id, str) and agent_id else None
 
 
+def _given(value: Any) -> bool:
+    return value is not None and type(value).__name__ != "NotGiven"
+
+
+def _active_plugin(session: Any, kind: str) -> Any:
+    """The agent's own STT/TTS/VAD when it has one, else the session's (as LiveKit picks)."""
+    try:
+        own = getattr(session.current_agent, kind, None)
+    except Exception:  # not running (RuntimeError)
+        own = None
+    return own if _given(own) else getattr(session, kind, None)
+
+
+def _plugin_model(session: Any, kind: str) -> tuple[object, object] | None:
+    """(provider, model) of the session's active STT/TTS plugin, as LiveKit labels its own
+    turn metrics; None without one."""
+    plugin = _active_plugin(session, kind)
+    if plugin is None:
+        return None
+    try:
+        return plugin.provider, plugin.model
+    except Exception:
+        return None
+
+
+def _seconds(value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        return None
+    return f"{value:g}s"
+
+
+def breakdown_settings(session: Any) -> dict[str, str]:
+    """Breakdown part -> the session setting that owns its wait, read from the session's (and
+    the current agent's) real options: the VAD's min_silence_duration and the endpointing
+    delays. Public options only; a setting that cannot be read is left out."""
+    settings: dict[str, str] = {}
+    if session is None:
+        return settings
+    try:
+        silence = _seconds(getattr(_active_plugin(session, "vad"), "min_silence_duration", None))
+        if silence is not None:
+            settings["vad_silence"] = f"min_silence_duration={silence}"
+        try:
+            agent: Any = session.current_agent
+        except Exception:
+            agent = None
+        endpointing = session.options.endpointing
+        min_delay = getattr(agent, "min_endpointing_delay", None)
+        max_delay = getattr(agent, "max_endpointing_delay", None)
+        detection = getattr(agent, "turn_detection", None)
+        if not _given(min_delay):
+            min_delay = endpointing.get("min_delay")
+        if not _given(max_delay):
+            max_delay = endpointing.get("max_delay")
+        if not _given(detection):
+            detection = session.options.turn_handling.get("turn_detection")
+        text = _seconds(min_delay)
+        if text is not None:
+            owner = f"endpointing.min_delay={text}"
+            model = detection is not None and not isinstance(detection, str)
+            if model and (longest := _seconds(max_delay)) is not None:
+                owner += f", max_delay={longest} (turn detector)"
+            if endpointing.get("mode") == "dynamic":
+                owner += " (dynamic)"
+            settings["end_of_turn"] = owner
+    except Exception:  # an options shape from another livekit-agents: no settings named
+        logger.debug("lk_observe could not read the session's turn settings", exc_info=True)
+    return settings
+
+
 def add_job_shutdown_callback(callback: Callable[[], Any]) -> bool:
     """Run `callback` (a coroutine function) when the LiveKit job this process runs shuts
     down; False outside a job."""
@@ -537,3 +629,44 @@ def add_job_shutdown_callback(callback: Callable[[], Any]) -> bool:
         return False
     ctx.add_shutdown_callback(callback)
     return True
+
+
+def current_speech_context() -> tuple[Any | None, str | None]:
+    """The AgentSession whose activity runs the calling code and the id of the SpeechHandle it
+    runs for (None outside a reply, e.g. in `on_user_turn_completed`), read from LiveKit's
+    private context variables `agent_activity._AgentActivityContextVar` /
+    `_SpeechHandleContextVar` (set for every task an AgentActivity starts; a tool's task and
+    `asyncio.to_thread` inherit them). (None, None) outside a session, or when a livekit-agents
+    version lacks them."""
+    try:
+        from livekit.agents.voice import agent_activity
+
+        activity_var = getattr(agent_activity, "_AgentActivityContextVar", None)
+        speech_var = getattr(agent_activity, "_SpeechHandleContextVar", None)
+        activity = None if activity_var is None else activity_var.get(None)
+        if activity is None:
+            return None, None
+        speech = None if speech_var is None else speech_var.get(None)
+        session, speech_id = activity.session, None if speech is None else speech.id
+    except Exception:  # a livekit-agents without them: measurements go to the defaults
+        return None, None
+    return session, speech_id if isinstance(speech_id, str) else None
+
+
+def emit_session_event(session: Any, event: str, arg: Any) -> None:
+    """Call `session.on(event)` listeners with `arg`, and nothing else: AgentSession.emit
+    records every event it emits in the session report (`_recorded_events`, checked on 1.8.9)
+    and the instance's `emit` is lk_observe's own intake, so both are bypassed for the base
+    emitter's. A listener's TypeError escapes it (as LiveKit's emitter does): callers guard."""
+    from livekit.rtc import EventEmitter
+
+    EventEmitter.emit(session, event, arg)
+
+
+def has_session_listeners(session: Any, event: str) -> bool:
+    """Whether `session.on(event)` has listeners now (from any thread: a racy read of a dict is
+    fine for a hint). True when it cannot tell: a signal too many beats one lost."""
+    try:
+        return bool(getattr(session, "_events").get(event))  # noqa: B009
+    except Exception:
+        return True

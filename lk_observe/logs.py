@@ -200,10 +200,20 @@ def turn_fields(
     fields["tool_calls"] = turn.tool_calls
     if turn.tool_ms is not None:
         fields["tool_ms"] = _round(turn.tool_ms)
-    if turn.llm_model is not None:
-        fields["llm_model"] = turn.llm_model
-    if turn.llm_provider is not None:
-        fields["llm_provider"] = turn.llm_provider
+    if turn.breakdown_ms:
+        fields["breakdown_ms"] = {part: _round(ms) for part, ms in turn.breakdown_ms.items()}
+    if turn.breakdown_settings:
+        fields["breakdown_settings"] = dict(turn.breakdown_settings)
+    for name in ("stt_provider", "stt_model", "llm_provider", "llm_model"):
+        value = getattr(turn, name)
+        if value is not None:
+            fields[name] = value
+    for name in ("tts_provider", "tts_model"):
+        value = getattr(turn, name)
+        if value is not None:
+            fields[name] = value
+    if turn.measured:
+        fields["measured_ms"] = [[name, _round(stage.duration_ms)] for name, stage in turn.measured]
     if turn.input_tokens is not None:
         fields["input_tokens"] = turn.input_tokens
     if turn.output_tokens is not None:

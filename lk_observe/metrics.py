@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 from lk_observe import multiprocess, promql
 from lk_observe.multiprocess import Labels
 from lk_observe.promql import LATENCY_BUCKETS_S
-from lk_observe.turns import COMPONENTS, TIERS, Turn
+from lk_observe.turns import BREAKDOWN_PARTS, COMPONENTS, TIERS, Turn, component_model
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,54 @@ class _LabelGuard:
         return OTHER
 
 
+ModelLabels = tuple[str, str]  # (provider, model) label values; ("", "") for none
+NO_MODEL: ModelLabels = ("", "")
+
+
+class _ModelGuard:
+    """Admits the first `limit` distinct (provider, model) pairs; later ones become
+    ("other", "other"), counted under label="model"."""
+
+    def __init__(self, limit: int, overflow: Counter) -> None:
+        self._limit = limit
+        self._overflow = overflow.labels(label="model")
+        self._resolved: dict[tuple[str, str], ModelLabels] = {}
+        self._admitted: set[ModelLabels] = set()
+        self._lock = threading.Lock()
+
+    def resolve(self, pair: tuple[str, str]) -> ModelLabels:
+        admitted = self._resolved.get(pair)
+        if admitted is not None:
+            return admitted
+        clean = (sanitize_label(pair[0]), sanitize_label(pair[1]))
+        with self._lock:
+            if clean in self._admitted or len(self._admitted) < self._limit:
+                self._admitted.add(clean)
+                if len(self._resolved) < 4 * self._limit:
+                    self._resolved[pair] = clean
+                return clean
+        self._overflow.inc()
+        logger.debug("provider/model over the cardinality limit")
+        return (OTHER, OTHER)
+
+
 # the `le` of each latency bucket as the merged exposition spells it
 _BUCKET_LE = (*(floatToGoString(b) for b in LATENCY_BUCKETS_S), "+Inf")  # type: ignore[no-untyped-call]
 
 
-def _bucket_sample(agent: str, component: str, seconds: float) -> tuple[str, Labels, float]:
+def _bucket_sample(
+    agent: str, component: str, model: ModelLabels, seconds: float
+) -> tuple[str, Labels, float]:
     """The latency bucket sample an observation lands in: its exemplar's place."""
     le = _BUCKET_LE[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)]
-    return promql.LATENCY_BUCKET, (("agent", agent), ("component", component), ("le", le)), seconds
+    labels = (
+        ("agent", agent),
+        ("component", component),
+        ("le", le),
+        ("model", model[1]),
+        ("provider", model[0]),
+    )
+    return promql.LATENCY_BUCKET, labels, seconds
 
 
 @dataclass(frozen=True)
@@ -83,7 +123,9 @@ class _AgentSeries:
     """One agent's pre-bound children: the hot path is a dict lookup and .observe()."""
 
     agent: str
-    latency: dict[str, Histogram]  # filled on first use: unmeasured stages export no series
+    # (component, provider, model) -> child, filled on first use: unmeasured stages export none
+    latency: dict[tuple[str, str, str], Histogram]
+    breakdown: dict[str, Counter]  # by breakdown part, filled on first use
     turns: Mapping[str, Counter]
     active: Gauge
     sessions: Counter
@@ -104,13 +146,22 @@ class LatencyMetrics:
         max_agents: int = 20,
         max_error_types: int = 30,
         max_sinks: int = 20,
+        max_models: int = 20,
+        max_measured: int = 32,
     ) -> None:
         # Families are registered here and nowhere else: for_registry() makes sure it runs once.
         self.latency = Histogram(
             promql.LATENCY_METRIC,
             "Voice agent latency per turn by pipeline component",
-            ["component", "agent"],
+            ["component", "agent", "provider", "model"],
             buckets=LATENCY_BUCKETS_S,
+            registry=registry,
+        )
+        self.breakdown = Counter(
+            promql.BREAKDOWN_METRIC.removesuffix("_total"),
+            "Seconds of end-to-end latency spent in each part of the critical path (the parts "
+            "of a turn add up to its e2e; divide by the e2e count for the mean per turn)",
+            ["agent", "part"],
             registry=registry,
         )
         self.turns = Counter(
@@ -172,6 +223,8 @@ class LatencyMetrics:
         self._agents = _LabelGuard("agent", max_agents, self.label_overflow)
         self._error_types = _LabelGuard("error_type", max_error_types, self.label_overflow)
         self._sinks = _LabelGuard("sink", max_sinks, self.label_overflow)
+        self._models = _ModelGuard(max_models, self.label_overflow)
+        self._measured = _LabelGuard("measured_component", max_measured, self.label_overflow)
         self._unknown_component = self.label_overflow.labels(label="component")
         self._series: dict[str, _AgentSeries] = {}  # by admitted agent value
         self._series_by_raw: dict[str, _AgentSeries] = {}  # by raw agent, admitted ones only
@@ -211,7 +264,11 @@ class LatencyMetrics:
             [] if trace_id is not None and not self._exemplars else None
         )
         for component, ms in turn.latency_ms.items():
-            child = series.latency.get(component) or self._bind_latency(series, component)
+            pair = component_model(turn, component)
+            model = NO_MODEL if pair is None else self._models.resolve(pair)
+            child = series.latency.get((component, *model)) or self._bind_latency(
+                series, component, model
+            )
             if child is None:
                 continue
             if not (ms >= 0.0 and math.isfinite(ms)):
@@ -220,7 +277,13 @@ class LatencyMetrics:
                 continue
             child.observe(ms / 1000.0, exemplar)
             if kept is not None:
-                kept.append(_bucket_sample(series.agent, component, ms / 1000.0))
+                kept.append(_bucket_sample(series.agent, component, model, ms / 1000.0))
+        if "e2e" in turn.latency_ms:
+            for part, ms in turn.breakdown_ms.items():
+                if ms > 0.0 and math.isfinite(ms):
+                    counter = series.breakdown.get(part) or self._bind_breakdown(series, part)
+                    if counter is not None:
+                        counter.inc(ms / 1000.0)
         if turn.kind == "user" and turn.tier is not None:
             counter = series.turns.get(turn.tier)
             if counter is not None:
@@ -270,8 +333,33 @@ class LatencyMetrics:
         from rate()-based SLO alerts."""
         series = self._series_by_raw.get(agent) or self._series_for(agent)
         for component in components:
-            if component not in series.latency:
-                self._bind_latency(series, component)
+            if (component, *NO_MODEL) not in series.latency:
+                self._bind_latency(series, component, NO_MODEL)
+        if "e2e" in components:  # its parts too: the breakdown panel's first turns count
+            for part in BREAKDOWN_PARTS:
+                if part not in series.breakdown:
+                    self._bind_breakdown(series, part)
+
+    def observe_measured(self, agent: str, component: str, seconds: float) -> None:
+        """A user's own code timed with measure_latency: the latency histogram under its name
+        (the first `max_measured` names; later ones are counted, not exported)."""
+        if not (seconds >= 0.0 and math.isfinite(seconds)):
+            self.skipped_observations += 1
+            return
+        if component in COMPONENTS or self._measured.resolve(component) != component:
+            self._unknown_component.inc()
+            return
+        series = self._series_by_raw.get(agent) or self._series_for(agent)
+        child = series.latency.get((component, *NO_MODEL))
+        if child is None:
+            with self._lock:
+                child = series.latency.get((component, *NO_MODEL))
+                if child is None:
+                    child = self.latency.labels(
+                        component=component, agent=series.agent, provider="", model=""
+                    )
+                    series.latency[(component, *NO_MODEL)] = child
+        child.observe(seconds)
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -325,15 +413,32 @@ class LatencyMetrics:
 
     # -- binding -----------------------------------------------------------------------------
 
-    def _bind_latency(self, series: _AgentSeries, component: str) -> Histogram | None:
+    def _bind_latency(
+        self, series: _AgentSeries, component: str, model: ModelLabels
+    ) -> Histogram | None:
         if component not in COMPONENTS:
             self._unknown_component.inc()
             return None
+        key = (component, *model)
         with self._lock:
-            child = series.latency.get(component)
+            child = series.latency.get(key)
             if child is None:
-                child = self.latency.labels(component=component, agent=series.agent)
-                series.latency[component] = child
+                child = self.latency.labels(
+                    component=component, agent=series.agent, provider=model[0], model=model[1]
+                )
+                series.latency[key] = child
+        return child
+
+    def _bind_breakdown(self, series: _AgentSeries, part: str) -> Counter | None:
+        if part not in BREAKDOWN_PARTS:
+            self._unknown_component.inc()
+            return None
+        with self._lock:
+            child = series.breakdown.get(part)
+            if child is None:
+                child = series.breakdown[part] = self.breakdown.labels(
+                    agent=series.agent, part=part
+                )
         return child
 
     def _series_for(self, raw_agent: str) -> _AgentSeries:
@@ -344,6 +449,7 @@ class LatencyMetrics:
                 series = _AgentSeries(
                     agent=agent,
                     latency={},
+                    breakdown={},
                     turns={t: self.turns.labels(agent=agent, tier=t) for t in TIERS},
                     active=self.active_sessions.labels(agent=agent),
                     sessions=self.sessions.labels(agent=agent),

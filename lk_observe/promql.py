@@ -24,6 +24,7 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
 LATENCY_METRIC = "voice_agent_latency_seconds"
 LATENCY_BUCKET = f"{LATENCY_METRIC}_bucket"
 LATENCY_COUNT = f"{LATENCY_METRIC}_count"
+LATENCY_SUM = f"{LATENCY_METRIC}_sum"
 TURNS_METRIC = "voice_agent_turns_total"
 ACTIVE_SESSIONS_METRIC = "voice_agent_active_sessions"
 SESSIONS_METRIC = "voice_agent_sessions_total"
@@ -33,6 +34,9 @@ INTERRUPTIONS_METRIC = "voice_agent_interruptions_total"
 TRACES_SAMPLED_OUT_METRIC = "voice_agent_traces_sampled_out_total"
 BUDGET_OVERRUNS_METRIC = "voice_agent_budget_overruns_total"
 LABEL_OVERFLOW_METRIC = "voice_agent_label_overflow_total"
+# Seconds of e2e spent in each part of the critical path (label `part`): per agent, the parts'
+# rates over the e2e count's rate add up to the mean e2e exactly.
+BREAKDOWN_METRIC = "voice_agent_e2e_breakdown_seconds_total"
 
 # Every generated alert's name starts with this, so a dashboard can list them all from ALERTS.
 ALERT_PREFIX = "VoiceAgent"
@@ -92,6 +96,28 @@ def quantile_expr(q: float, window: str, *matchers: str, by: Sequence[str] = ())
     """The q-quantile of the latency histogram over `window`, kept apart by the labels `by`."""
     buckets = summed("rate", selector(LATENCY_BUCKET, *matchers), window, (*by, "le"))
     return f"histogram_quantile({num(q)}, {buckets})"
+
+
+def mean_expr(window: str, *matchers: str, by: Sequence[str] = ()) -> str:
+    """The mean of the latency histogram over `window`: rate of its sum over rate of its count.
+
+    Unlike a quantile, means add up: the mean e2e is the sum of the mean of each of its parts.
+    """
+    total = summed("rate", selector(LATENCY_SUM, *matchers), window, by)
+    count = summed("rate", selector(LATENCY_COUNT, *matchers), window, by)
+    return f"{total} / {count}"
+
+
+def breakdown_expr(window: str, *matchers: str) -> str:
+    """Mean seconds per e2e turn spent in each breakdown part, one series per `part`.
+
+    Each part's seconds per second over the e2e turns per second (all selected agents together:
+    a scalar, so every part divides by the same count); stacked, the parts sum to `mean_expr`
+    of component="e2e" with the same matchers.
+    """
+    parts = summed("rate", selector(BREAKDOWN_METRIC, *matchers), window, ("part",))
+    turns = summed("rate", selector(LATENCY_COUNT, component_matcher("e2e"), *matchers), window)
+    return f"{parts} / scalar({turns})"
 
 
 def slo_rates(slo: SLO, window: str, *matchers: str, by: Sequence[str] = ()) -> tuple[str, str]:

@@ -37,10 +37,22 @@ from lk_observe.multiprocess import (
 )
 from lk_observe.otlp import export_health
 from lk_observe.presets import DEFAULT_BUDGET
-from lk_observe.recent import RecentTurns, default_recent_turns, turn_summary
+from lk_observe.recent import (
+    RecentTurns,
+    default_recent_turns,
+    mean_breakdown,
+    provider_comparison,
+    turn_summary,
+)
 from lk_observe.slo import DEFAULT_SLOS, SLO, evaluate
 from lk_observe.tracing import CHILD_SPANS
-from lk_observe.turns import COMPONENTS, EXCELLENT_BELOW_MS, GOOD_BELOW_MS
+from lk_observe.turns import (
+    BREAKDOWN_TITLES,
+    COMPONENTS,
+    EXCELLENT_BELOW_MS,
+    GOOD_BELOW_MS,
+    MODEL_COMPONENTS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +198,8 @@ def _page_config() -> str:
         "budget_ms": {c: DEFAULT_BUDGET.upper_bound(c) for c in COMPONENTS},
         "excellent_below_ms": EXCELLENT_BELOW_MS,
         "good_below_ms": GOOD_BELOW_MS,
+        "breakdown_titles": dict(BREAKDOWN_TITLES),  # e2e's parts, in order, with their titles
+        "model_components": MODEL_COMPONENTS,
     }
     return json.dumps(config).replace("<", "\\u003c")  # inert inside a <script> element
 
@@ -296,11 +310,20 @@ def create_app(
 
     @app.get("/turns/recent")
     async def recent_turns() -> JSONResponse:
-        # numbers and ids only: no speech ids, session ids or user text
+        # numbers, ids and model names only: no speech ids, session ids or user text
         view = await merged_view()
         if view is not None:
             return _json(view.recent, headers=view_headers(view))
         return _json([turn_summary(turn) for turn in the_recent.turns()])
+
+    @app.get("/turns/breakdown")
+    async def recent_breakdown() -> JSONResponse:
+        """Over the recent turns: the mean breakdown of e2e, and p50/p95 of each provider's
+        model per component (bounded: the recent turns are)."""
+        view = await merged_view()
+        recent = view.recent if view is not None else [turn_summary(t) for t in the_recent.turns()]
+        body = {"mean": mean_breakdown(recent), "providers": provider_comparison(recent)}
+        return _json(body, headers=view_headers(view))
 
     @app.get("/")
     async def live_page() -> Response:

@@ -1,5 +1,6 @@
 """Where finished turns go: one sink thread per process, the fan-out to every sink, the SLO
-check, and the hand-back of each turn to the user's `on_turn` on the agent's event loop."""
+check, and the hand-back of each turn to the user's `on_turn` (and of each budget signal to
+`on_budget` and the session's listeners) on the agent's event loop."""
 
 from __future__ import annotations
 
@@ -21,14 +22,23 @@ from typing import Any
 
 from opentelemetry.trace import SpanContext
 
+from lk_observe.livekit_events import emit_session_event, has_session_listeners
 from lk_observe.logs import default_turn_logger
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor
 from lk_observe.multiprocess import snapshot_sinks
-from lk_observe.presets import budget_overruns
+from lk_observe.presets import DEFAULT_BUDGET, LatencyBudget, budget_overruns
 from lk_observe.recent import default_recent_turns
 from lk_observe.sampling import TurnSampler
-from lk_observe.slo import SLO, SLOEvaluator
+from lk_observe.signals import (
+    BUDGET_EVENT,
+    BudgetHook,
+    BudgetSignal,
+    SLOChange,
+    slo_changed,
+    turn_over_budget,
+)
+from lk_observe.slo import SLO, SLOEvaluator, SLOStatus
 from lk_observe.tracing import MAX_OPEN_TURNS, TurnTracer
 from lk_observe.turns import Turn
 
@@ -132,13 +142,25 @@ class SLOWatch:
     once a second at most, and only when there is something to look at: after a turn was
     recorded, and every second while an SLO is breaching (so its end re-arms the next breach).
     Runs on the sink thread's timer, not in the turn's own sink work; a quiet agent costs
-    nothing. Each check counts turns per SLO, whatever the monitor's window holds."""
+    nothing. Each check counts turns per SLO, whatever the monitor's window holds. The agent's
+    sessions that hear budget signals subscribe: each check tells them which SLOs burn."""
 
     def __init__(self, evaluator: SLOEvaluator) -> None:
         self._evaluator = evaluator
         self._last = -math.inf
         self._scheduled = False
         self.checks = 0
+        # weak: a session that ends leaves by itself; a lock, as sessions join from their loop
+        self._subscribers: weakref.WeakSet[TurnSinks] = weakref.WeakSet()
+        self._subscribers_lock = threading.Lock()
+
+    def subscribe(self, sinks: TurnSinks) -> None:
+        with self._subscribers_lock:
+            self._subscribers.add(sinks)
+
+    def unsubscribe(self, sinks: TurnSinks) -> None:
+        with self._subscribers_lock:
+            self._subscribers.discard(sinks)
 
     def turn_recorded(self, turn: Turn | None = None) -> None:
         """A live sink (sink thread): schedule a check if none is due yet."""
@@ -152,9 +174,26 @@ class SLOWatch:
         self._scheduled = False
         self._last = time.monotonic()
         self.checks += 1
-        if self._evaluator.watch():
+        breaching = self._evaluator.watch()
+        if self._subscribers:
+            self._tell_subscribers()
+        if breaching:
             self._scheduled = True
             sink_worker().call_at(self._last + SLO_CHECK_INTERVAL_S, self._check)
+
+    def _tell_subscribers(self) -> None:
+        with self._subscribers_lock:
+            subscribers = list(self._subscribers)
+        burning = self._evaluator.breaching
+        statuses: dict[str, SLOStatus] = {}  # built once per check, only for an SLO that changed
+
+        def status(name: str) -> SLOStatus:
+            if name not in statuses:
+                statuses[name] = self._evaluator.status(name)
+            return statuses[name]
+
+        for subscriber in subscribers:
+            subscriber.slos_burning(burning, status)
 
 
 # One evaluator per (monitor, agent, SLO set): many sessions of one agent share one breach
@@ -209,18 +248,33 @@ class TurnSinks:
         slos: tuple[SLO, ...],
         on_turn: TurnHook | None,
         sampler: TurnSampler | None = None,
+        budget: LatencyBudget = DEFAULT_BUDGET,
+        on_budget: BudgetHook | None = None,
+        session: Any = None,
+        session_id: str = "",
     ) -> None:
         self.metrics = metrics
+        self._agent = agent
+        self._budget = budget
+        # budget signals: to on_budget and the session's BUDGET_EVENT listeners, on the loop
+        self._on_budget = on_budget
+        self._session = None if session is None else weakref.ref(session)
+        self._session_id = session_id
+        self.signalling = on_budget is not None or session is not None
+        self._burning: frozenset[str] = frozenset()  # the SLOs this session was told burn
         self._tracer = tracer
         self._sampler = sampler
         # turns whose trace sampling did not keep live: decided again when their reply ends
         self._undecided: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._on_turn = on_turn
         self.loop: asyncio.AbstractEventLoop | None = None  # where on_turn runs
-        # handed to the loop and not run yet: delivered from here if the loop closes first
-        self._handed: dict[int, Turn] = {}
+        # handed to the loop and not run yet: (job, whether to run it here if the loop closes)
+        self._handed: dict[int, tuple[Callable[[], None], bool]] = {}
         self._handed_ids = itertools.count()
         slo_checker = slo_check(monitor, agent, slos) if slos else None
+        self._slo_checker = slo_checker
+        if slo_checker is not None and self.signalling:
+            slo_checker.subscribe(self)
         # multiprocess mode: share the monitor and recent turns with the ops app
         snapshot = snapshot_sinks(monitor)
         self._live_sinks: list[tuple[str, Sink]] = [
@@ -244,7 +298,7 @@ class TurnSinks:
         self, turns: Iterable[Turn], links: Callable[[str | None], SpanContext | None]
     ) -> int:
         """Queue finished turns for the sink thread (from the loop); how many were queued."""
-        if self._on_turn is not None and self.loop is None:
+        if self.loop is None and (self._on_turn is not None or self.signalling):
             with contextlib.suppress(RuntimeError):
                 self.loop = asyncio.get_running_loop()
         worker = sink_worker()
@@ -260,7 +314,7 @@ class TurnSinks:
     def _run(self, turn: Turn, link: SpanContext | None) -> None:
         overruns: dict[str, float] = {}
         try:
-            overruns = budget_overruns(turn)
+            overruns = budget_overruns(turn, self._budget)
         except Exception:
             self._failed("budget")
         root: SpanContext | None = None
@@ -282,8 +336,14 @@ class TurnSinks:
                 turn = sink(turn) or turn
             except Exception:
                 self._failed(name)
-        if self._on_turn is not None and turn.complete:
-            self._hand_back(turn)
+        if turn.complete:
+            if self._on_turn is not None:
+                self._hand_back(functools.partial(self._call_on_turn, turn))
+        elif overruns and self.signalling and turn.kind == "user" and self._heard():
+            try:
+                self._signal(turn_over_budget(turn, overruns, time.time()))
+            except Exception:
+                self._failed("on_budget")
 
     def _start_trace(self, turn: Turn, link: SpanContext | None) -> SpanContext | None:
         sampler = self._sampler
@@ -306,38 +366,102 @@ class TurnSinks:
         # kept live (its root span is open), or kept now: written whole
         return self._tracer.finish(turn, link, overruns)
 
-    def _hand_back(self, turn: Turn) -> None:
-        """`on_turn` on the agent's loop; straight from here when the loop is gone."""
+    def _hand_back(self, job: Callable[[], None], *, if_stranded: bool = True) -> None:
+        """`job` (a user hook's call) on the agent's loop. When the loop is gone: straight from
+        here (`on_turn`: every finished turn reaches it), or dropped (`if_stranded=False`:
+        budget signals, which only mean something to a running session)."""
         self.deliver_stranded()
         loop = self.loop
         if loop is not None and not loop.is_closed():
             key = next(self._handed_ids)
-            self._handed[key] = turn
+            self._handed[key] = (job, if_stranded)
             try:
                 loop.call_soon_threadsafe(self._run_handed, key)
                 return
             except RuntimeError:  # the loop closed meanwhile
                 self._handed.pop(key, None)
-        self._call_on_turn(turn)
+        if if_stranded:
+            job()
 
     def _run_handed(self, key: int) -> None:
-        turn = self._handed.pop(key, None)
-        if turn is not None:
-            self._call_on_turn(turn)
+        handed = self._handed.pop(key, None)
+        if handed is not None:
+            handed[0]()
 
     def deliver_stranded(self) -> int:
         """Run `on_turn` here for turns handed to a loop that closed before running them (a
-        job that ended); how many. Every finished turn reaches `on_turn` once."""
+        job that ended); how many. Every finished turn reaches `on_turn` once; budget signals
+        handed to that loop are dropped."""
         loop = self.loop
         if not self._handed or (loop is not None and not loop.is_closed()):
             return 0
         stranded = 0
         for key in sorted(self._handed):
-            turn = self._handed.pop(key, None)
-            if turn is not None:
+            handed = self._handed.pop(key, None)
+            if handed is not None and handed[1]:
                 stranded += 1
-                self._call_on_turn(turn)
+                handed[0]()
         return stranded
+
+    # -- budget signals -----------------------------------------------------------------------
+
+    def _heard(self) -> bool:
+        """Whether a budget signal has anyone to go to: the hook or the session's listeners
+        (without either, a turn over budget does not wake the agent's loop)."""
+        if self._on_budget is not None:
+            return True
+        session = None if self._session is None else self._session()
+        return session is not None and has_session_listeners(session, BUDGET_EVENT)
+
+    def _signal(self, signal: BudgetSignal) -> None:
+        """Hand a budget signal to the agent's loop (sink thread)."""
+        self._hand_back(functools.partial(self._deliver_signal, signal), if_stranded=False)
+
+    def slos_burning(self, burning: frozenset[str], status: Callable[[str], SLOStatus]) -> None:
+        """The SLO check's news (sink thread): which SLOs burn now; `status` gives one's
+        figures. Signals what changed since this session was last told."""
+        loop = self.loop
+        if not self.signalling or loop is None or loop.is_closed():
+            return  # told what burns once it runs on a loop (it may join mid-burn)
+        known, self._burning = self._burning, burning
+        if known == burning:
+            return
+        at = time.time()
+        changes: list[tuple[SLOChange, str]] = [
+            *(("slo_burning", name) for name in sorted(burning - known)),
+            *(("slo_recovered", name) for name in sorted(known - burning)),
+        ]
+        for kind, name in changes:
+            try:
+                self._signal(
+                    slo_changed(
+                        kind, status(name), agent=self._agent, session_id=self._session_id, at=at
+                    )
+                )
+            except Exception:
+                self._failed("on_budget")
+
+    def stop_signals(self) -> None:
+        """No more budget signals for this session (it ended): handed ones are dropped too."""
+        self.signalling = False
+        if self._slo_checker is not None:
+            self._slo_checker.unsubscribe(self)
+
+    def _deliver_signal(self, signal: BudgetSignal) -> None:
+        """On the agent's loop: `on_budget`, then the session's BUDGET_EVENT listeners."""
+        if not self.signalling:
+            return
+        if self._on_budget is not None:
+            try:
+                self._on_budget(signal)
+            except Exception:  # the user's hook must never break the agent
+                self._failed("on_budget")
+        session = None if self._session is None else self._session()
+        if session is not None:
+            try:
+                emit_session_event(session, BUDGET_EVENT, signal)
+            except Exception:  # a listener's TypeError (LiveKit's emitter lets it escape)
+                self._failed("on_budget")
 
     def _failed(self, name: str) -> None:
         logger.warning("lk_observe sink %r failed", name, exc_info=True)

@@ -546,6 +546,20 @@ class SLOEvaluator:
     def slos(self) -> tuple[SLO, ...]:
         return self._slos
 
+    @property
+    def breaching(self) -> frozenset[str]:
+        """Names of the SLOs breaching as of the last `check()` or `watch()`."""
+        with self._lock:
+            return frozenset(self._breaching)
+
+    def status(self, name: str) -> SLOStatus:
+        """The named SLO's status now, without logging or changing what is breaching;
+        KeyError for a name it does not evaluate."""
+        for slo, factor, _ in self._plan:
+            if slo.name == name:
+                return _status(slo, factor, self._monitor, self._agent)
+        raise KeyError(f"no SLO named {name!r}; evaluating {[s.name for s in self._slos]}")
+
     def check(self) -> list[SLOStatus]:
         """Every SLO's status; logs (and hands to `on_breach`) each SLO that entered breach."""
         statuses = [

@@ -18,7 +18,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
-from lk_observe.turns import Stage, Turn
+from lk_observe.turns import BREAKDOWN_PARTS, Stage, Turn
 
 TRACER_NAME = "lk_observe"
 MAX_OPEN_TURNS = 1024  # root spans of replies still playing, per tracer
@@ -46,6 +46,9 @@ def _ns(seconds: float) -> int:
 # attribute keys built once, not per turn; other names (from a newer assembler) are formatted
 _LATENCY_KEYS = {c: f"voice.latency.{c}_ms" for c in ("e2e", *CHILD_SPANS)}
 _OVERRUN_KEYS = {c: f"voice.budget.overrun.{c}_ms" for c in ("e2e", *CHILD_SPANS)}
+_BREAKDOWN_KEYS = {p: f"voice.breakdown.{p}_ms" for p in BREAKDOWN_PARTS}
+_SETTING_KEYS = {p: f"voice.breakdown.{p}.setting" for p in BREAKDOWN_PARTS}
+MEASURED_SPAN_PREFIX = "voice."  # measure_latency("retrieval") -> span "voice.retrieval"
 
 
 def root_attributes(
@@ -84,6 +87,23 @@ def root_attributes(
         attributes["voice.llm.rounds"] = turn.llm_rounds
     if turn.error_type is not None:
         attributes["error.type"] = turn.error_type
+    for part, value in turn.breakdown_ms.items():
+        attributes[_BREAKDOWN_KEYS.get(part) or f"voice.breakdown.{part}_ms"] = round(value, 3)
+    for part, setting in turn.breakdown_settings.items():
+        attributes[_SETTING_KEYS.get(part) or f"voice.breakdown.{part}.setting"] = setting
+    return attributes
+
+
+def _model_attributes(
+    provider: str | None, model: str | None, stage: str
+) -> dict[str, AttributeValue] | None:
+    if provider is None and model is None:
+        return None
+    attributes: dict[str, AttributeValue] = {}
+    if provider is not None:
+        attributes[f"voice.{stage}.provider"] = provider
+    if model is not None:
+        attributes[f"voice.{stage}.model"] = model
     return attributes
 
 
@@ -165,8 +185,16 @@ class TurnTracer:
         # creation order is irrelevant: every child carries its own start and end time
         for key, stage in turn.stages.items():
             self._child(turn, key, stage, parent)
-        stages = turn.stages.values()
-        end = max(turn.ended_at, *(s.end for s in stages)) if stages else turn.ended_at
+        for name, stage in turn.measured:
+            span = self._tracer.start_span(
+                MEASURED_SPAN_PREFIX + name,
+                context=parent,
+                attributes=_MEASURED_ATTRIBUTES,
+                start_time=_ns(stage.start),
+            )
+            span.end(end_time=_ns(stage.end))
+        ends = [s.end for s in turn.stages.values()] + [s.end for _, s in turn.measured]
+        end = max(turn.ended_at, *ends) if ends else turn.ended_at
         root.end(end_time=_ns(end))
         span_context = root.get_span_context()
         return _recorded(span_context)
@@ -193,10 +221,17 @@ class TurnTracer:
             attributes = _llm_attributes(turn, int(key[len(_LLM_ROUND_PREFIX) :]))
         elif key == "llm_ttft":
             attributes = _llm_attributes(turn, 1)
+        elif key == "stt":
+            attributes = _model_attributes(turn.stt_provider, turn.stt_model, "stt")
+        elif key == "tts_ttfb":
+            attributes = _model_attributes(turn.tts_provider, turn.tts_model, "tts")
         span = self._tracer.start_span(
             name, context=parent, attributes=attributes, start_time=_ns(stage.start)
         )
         span.end(end_time=_ns(stage.end))
+
+
+_MEASURED_ATTRIBUTES: dict[str, AttributeValue] = {"voice.measured": True}
 
 
 def _recorded(span_context: SpanContext) -> SpanContext | None:

@@ -34,6 +34,27 @@ COMPONENTS: tuple[str, ...] = tuple(COMPONENT_TITLES)
 STAGES: tuple[str, ...] = COMPONENTS[1:]  # the pipeline's own stages: everything but e2e
 TIERS: tuple[Tier, ...] = get_args(Tier)
 
+# The parts of e2e, in the order they lie on the critical path from the user's real end of
+# speech to the first audible sample, with the title people see for each. They add up to e2e
+# exactly: "scheduling" is what lies between the measured parts (LiveKit's own steps).
+BREAKDOWN_TITLES: Mapping[str, str] = MappingProxyType(
+    {
+        "vad_silence": "VAD silence",
+        "transcription": "Waiting for the final transcript",
+        "end_of_turn": "End-of-turn decision",
+        "on_user_turn_completed": "on_user_turn_completed hook",
+        "llm": "LLM to first token",
+        "tool": "Tool calls",
+        "tts": "TTS to first byte",
+        "playback": "Playback start",
+        "leading_silence": "Agent's leading silence",
+        "scheduling": "Scheduling (between stages)",
+    }
+)
+BREAKDOWN_PARTS: tuple[str, ...] = tuple(BREAKDOWN_TITLES)
+# components whose latency belongs to one provider's model: (provider, model) labels them
+MODEL_COMPONENTS: tuple[str, ...] = ("stt", "llm_ttft", "tts_ttfb")
+
 # The guide's tiers for perceived (e2e) latency.
 EXCELLENT_BELOW_MS = 500.0
 GOOD_BELOW_MS = 800.0
@@ -103,6 +124,31 @@ class Turn:
     error_type: str | None = None  # a LiveKit error during the reply (e.g. "llm_error")
     e2e_source: E2ESource | None = None  # None without e2e
     livekit_e2e_ms: float | None = None  # LiveKit's own figure (e2e_latency), for comparison
+    # e2e split into BREAKDOWN_PARTS that add up to it exactly; empty without e2e
+    breakdown_ms: Mapping[str, float] = field(default_factory=dict)
+    # part -> the session setting that owns its wait ("endpointing.min_delay=0.5s")
+    breakdown_settings: Mapping[str, str] = field(default_factory=dict)
+    stt_provider: str | None = None
+    stt_model: str | None = None
+    tts_provider: str | None = None
+    tts_model: str | None = None
+    # the user's own code timed with measure_latency while this turn was going: (name, stage)
+    measured: tuple[tuple[str, Stage], ...] = ()
+
+
+def component_model(turn: Turn, component: str) -> tuple[str, str] | None:
+    """(provider, model) of the stage that measured `component`, when known."""
+    if component == "stt":
+        provider, model = turn.stt_provider, turn.stt_model
+    elif component == "llm_ttft":
+        provider, model = turn.llm_provider, turn.llm_model
+    elif component == "tts_ttfb":
+        provider, model = turn.tts_provider, turn.tts_model
+    else:
+        return None
+    if provider is None and model is None:
+        return None
+    return (provider or "unknown", model or "unknown")
 
 
 # Bounds that keep the assembler's memory fixed whatever the event stream does.
@@ -115,6 +161,8 @@ MIN_VAD_BACKDATE_S = 0.001  # a local VAD back-dates its end of speech by its si
 MAX_ERROR_TYPE_LENGTH = 64
 MAX_HEARD_SHIFT_S = 2.0  # the heard speech end is this close to LiveKit's, or it is not used
 MAX_COUNT = 10_000  # tool calls or tokens beyond this in one reply: a broken counter
+MAX_MEASURED = 32  # measure_latency stages kept per turn
+MAX_MODEL_NAME = 128  # characters of a provider or model name kept on a turn
 _EARLY_KEYS = ("llm_node_ttft", "tts_node_ttfb", "playback_latency", "e2e_latency")
 # (speech end heard, first audible sample heard) -> Turn.e2e_source
 _E2E_SOURCES: Mapping[tuple[bool, bool], E2ESource] = MappingProxyType(
@@ -154,9 +202,13 @@ class _Speech:
     leading_silence_s: float | None = None  # first frame -> first audible sample, when heard
     audible_pending: bool = False  # the output is being listened to; its verdict is not in yet
     early: dict[str, float] = field(default_factory=dict)
-    llm_rounds: list[tuple[float, float]] = field(default_factory=list)  # (start, first token)
+    # (start, first token, end) of each LLM request made for the reply
+    llm_rounds: list[tuple[float, float, float]] = field(default_factory=list)
     llm_model: str | None = None
     llm_provider: str | None = None
+    tts_provider: str | None = None
+    tts_model: str | None = None
+    measured: list[tuple[str, Stage]] = field(default_factory=list)
     input_tokens: int = 0
     output_tokens: int = 0
     tts_stage: Stage | None = None
@@ -167,6 +219,7 @@ class _Speech:
     done: bool = False
     emitted: bool = False  # reported live
     completed: bool = False  # reported complete: nothing of it changes any more
+    estimated: bool = False  # its breakdown estimated an LLM round that had not ended
     live: Turn | None = None  # the live report, completed when the reply ends
 
 
@@ -179,6 +232,11 @@ class _PendingTurn:
     spoken: bool = True  # False for typed input: nothing is measured from a speech end
     livekit_end: float | None = None  # LiveKit's speech end (stopped_speaking_at)
     heard: bool = False  # speech_end is where the voice stopped in the audio, not LiveKit's
+    hook_s: float | None = None  # on_user_turn_completed's run time, from LiveKit
+    stt_provider: str | None = None
+    stt_model: str | None = None
+    settings: Mapping[str, str] = field(default_factory=dict)  # part -> the setting owning it
+    measured: list[tuple[str, Stage]] = field(default_factory=list)
 
 
 class TurnAssembler:
@@ -211,6 +269,9 @@ class TurnAssembler:
         self._unclaimed: _PendingTurn | None = None  # a user turn whose reply is not created yet
         self._entered = False  # a handoff happened and the new agent has not spoken yet
         self._closed = False
+        # measure_latency stages timed outside any reply (on_user_turn_completed runs before
+        # the reply exists): they go to the next user turn committed
+        self._loose_measured: list[tuple[str, Stage]] = []
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -256,9 +317,11 @@ class TurnAssembler:
         at: float,
         *,
         heard_end: float | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> list[Turn]:
         """A user ChatMessage was committed (conversation_item_added, role "user"). `heard_end`:
-        where the user's voice really stopped in the audio the session received, when found."""
+        where the user's voice really stopped in the audio the session received, when found;
+        `settings`: breakdown part -> the session setting that owns its wait."""
         if self._closed or not self._first_sighting(item_id):
             return []
         speech_end = self._timestamp("stopped_speaking_at", metrics.get("stopped_speaking_at"), at)
@@ -292,6 +355,7 @@ class TurnAssembler:
             if delay is not None:
                 self._add_stage(stages, component, speech_end, livekit_end + delay)
         finished = self._abandon_unanswered(at)
+        stt_provider, stt_model = _model_names(metrics.get("stt_metadata"))
         turn = _PendingTurn(
             self._take_index(),
             speech_end,
@@ -300,6 +364,13 @@ class TurnAssembler:
             spoken,
             livekit_end=livekit_end if spoken else None,
             heard=heard is not None,
+            hook_s=self._duration(
+                "on_user_turn_completed_delay", metrics.get("on_user_turn_completed_delay")
+            ),
+            stt_provider=stt_provider if spoken else None,
+            stt_model=stt_model if spoken else None,
+            settings=dict(settings) if settings and spoken else {},
+            measured=self._claim_loose_measured(speech_end if spoken else at - 10.0, at),
         )
         # the current speech is the reply, unless it is a say() or already answers a turn (a
         # filler said from on_user_turn_completed, typed input while the agent speaks): then the
@@ -326,6 +397,7 @@ class TurnAssembler:
         active_agent: str | None = None,
         leading_silence_s: float | None = None,
         audible_pending: bool = False,
+        tts_model: tuple[object, object] | None = None,
     ) -> list[Turn]:
         """agent_state_changed -> "speaking": the reply's first audio frame reached the output;
         `active_agent` names the agent speaking it (handoffs and tasks change it). When the output
@@ -342,6 +414,10 @@ class TurnAssembler:
         speech.leading_silence_s = self._leading_silence(leading_silence_s)
         speech.audible_pending = audible_pending and speech.leading_silence_s is None
         speech.active_agent = active_agent if isinstance(active_agent, str) else None
+        if tts_model is not None:
+            speech.tts_provider, speech.tts_model = _model_names(
+                {"model_provider": tts_model[0], "model_name": tts_model[1]}
+            )
         speech.interrupted = False  # it played: a noise before it was no barge-in after all
         for key in _EARLY_KEYS:
             value = self._duration(key, (early or {}).get(key))
@@ -402,11 +478,11 @@ class TurnAssembler:
             return self.expire(at)
         start = end - duration
         if self._checked_stage("llm_ttft", start, start + ttft) is not None:
-            speech.llm_rounds.append((start, start + ttft))
-        speech.llm_model = speech.llm_model or (model if isinstance(model, str) else None)
-        speech.llm_provider = speech.llm_provider or (
-            provider if isinstance(provider, str) else None
-        )
+            speech.llm_rounds.append((start, start + ttft, end))
+        if speech.llm_model is None and speech.llm_provider is None:
+            speech.llm_provider, speech.llm_model = _model_names(
+                {"model_provider": provider, "model_name": model}
+            )
         speech.input_tokens += self._count("input_tokens", input_tokens) or 0
         speech.output_tokens += self._count("output_tokens", output_tokens) or 0
         return self._try_finish(speech, at) + self.expire(at)
@@ -443,6 +519,10 @@ class TurnAssembler:
         if started is not None and stopped is not None and started <= stopped:
             # a reply can be several messages (words, a tool call, more words): add them up
             speech.played_s = (speech.played_s or 0.0) + (stopped - started)
+        if speech.tts_provider is None and speech.tts_model is None:
+            speech.tts_provider, speech.tts_model = _model_names(metrics.get("tts_metadata"))
+        if speech.llm_provider is None and speech.llm_model is None:
+            speech.llm_provider, speech.llm_model = _model_names(metrics.get("llm_metadata"))
         ttfb = self._duration("tts_node_ttfb", metrics.get("tts_node_ttfb"))
         playback = self._duration("playback_latency", metrics.get("playback_latency")) or 0.0
         if speech.tts_stage is None and ttfb is not None and started is not None:
@@ -460,6 +540,32 @@ class TurnAssembler:
         if speech.emitted:
             return self._complete(speech, at) + self.expire(at)
         return self._try_finish(speech, at) + self.expire(at)
+
+    def measured(
+        self, name: str, start: float, end: float, speech_id: str | None, at: float
+    ) -> list[Turn]:
+        """The user's code timed with measure_latency (`name`, from `start` to `end`, unix s):
+        kept on the reply it ran for (`speech_id`: LiveKit's current speech where it ran), or,
+        timed outside any reply (on_user_turn_completed runs before the reply exists), on the
+        user turn committed next if it ran between that turn's speech end and its commit."""
+        stage = self._checked_stage("measured", start, end)
+        if stage is None:
+            return self.expire(at)
+        speech = self._speeches.get(speech_id) if speech_id else None
+        if speech is None:
+            if speech_id:
+                self.skipped["measured_unknown_reply"] += 1
+                return self.expire(at)
+            if len(self._loose_measured) < MAX_MEASURED:
+                self._loose_measured.append((name, stage))
+            return self.expire(at)
+        if speech.completed:  # its trace is written: the metrics and the monitor still have it
+            self.skipped["measured_after_reply"] += 1
+        elif len(speech.measured) < MAX_MEASURED:
+            speech.measured.append((name, stage))
+        else:
+            self.skipped["measured_over_limit"] += 1
+        return self.expire(at)
 
     def user_barge_in(self, at: float) -> None:
         """The user started speaking: a reply that has not started playing is being talked over."""
@@ -519,6 +625,11 @@ class TurnAssembler:
     @staticmethod
     def _can_answer(speech: _Speech) -> bool:
         return not (speech.said or speech.turn is not None or speech.emitted or speech.done)
+
+    def _claim_loose_measured(self, since: float, until: float) -> list[tuple[str, Stage]]:
+        """The loose measure_latency stages that ran within this user turn's commit."""
+        loose, self._loose_measured = self._loose_measured, []
+        return [(name, st) for name, st in loose if since - 0.05 <= st.start <= until]
 
     def _claim_waiting_turn(self, speech: _Speech) -> None:
         waiting = next(
@@ -681,7 +792,8 @@ class TurnAssembler:
             return []
         speech.completed = True
         self._open.pop(speech.speech_id, None)
-        full = self._build(speech)
+        # the breakdown is the live one unless that one had to estimate a round still running
+        full = self._build(speech, None if speech.estimated else live.breakdown_ms)
         first_audio, ended, played = speech.first_audio_at, live.ended_at, None
         if first_audio is not None:
             end = _finite(at)
@@ -703,6 +815,7 @@ class TurnAssembler:
         # the turn needed, so long-lived objects don't pile up for the garbage collector
         speech.turn = speech.tts_stage = speech.tool = speech.live = None
         speech.llm_rounds.clear()
+        speech.measured.clear()
         speech.early.clear()
         self._agent_turns.discard(speech.speech_id)
         return [
@@ -719,7 +832,7 @@ class TurnAssembler:
             )
         ]
 
-    def _build(self, speech: _Speech) -> Turn:
+    def _build(self, speech: _Speech, breakdown: Mapping[str, float] | None = None) -> Turn:
         pending = speech.turn
         assert pending is not None
         is_agent_turn = speech.speech_id in self._agent_turns
@@ -746,7 +859,7 @@ class TurnAssembler:
             elif pending.livekit_end is not None:
                 livekit_e2e = (first_audio - pending.livekit_end) * 1000.0
         if speech.llm_rounds:
-            start, first_token = speech.llm_rounds[0]
+            start, first_token, _ = speech.llm_rounds[0]
             node_ttft = speech.early.get("llm_node_ttft")
             if node_ttft is not None and speech.tool_calls == 0 and node_ttft <= MAX_LATENCY_S:
                 # the first audio came from this round: LiveKit's llm_node figure is what the
@@ -767,8 +880,17 @@ class TurnAssembler:
             started = pending.speech_end
             ended = heard_from if heard_from is not None else pending.committed_at
         extra_rounds = {
-            f"llm_round_{n}": Stage(s, f) for n, (s, f) in enumerate(speech.llm_rounds[1:], 2)
+            f"llm_round_{n}": Stage(s, f) for n, (s, f, _) in enumerate(speech.llm_rounds[1:], 2)
         }
+        if breakdown is None and "e2e" in stages and first_audio is not None:
+            breakdown, speech.estimated = _breakdown(
+                stages,
+                hook_s=pending.hook_s,
+                llm_rounds=speech.llm_rounds,
+                node_ttft=speech.early.get("llm_node_ttft"),
+                tool=speech.tool,
+                first_audio=first_audio,
+            )
         tool = speech.tool
         if tool is not None:
             extra_rounds["tool"] = tool
@@ -797,4 +919,102 @@ class TurnAssembler:
             error_type=speech.error_type,
             e2e_source=e2e_source,
             livekit_e2e_ms=livekit_e2e,
+            breakdown_ms=breakdown or {},
+            breakdown_settings=(
+                {p: v for p, v in pending.settings.items() if p in breakdown} if breakdown else {}
+            ),
+            stt_provider=pending.stt_provider,
+            stt_model=pending.stt_model,
+            tts_provider=speech.tts_provider,
+            tts_model=speech.tts_model,
+            measured=(*pending.measured, *speech.measured),
         )
+
+
+def _model_names(metadata: object) -> tuple[str | None, str | None]:
+    """(provider, model) from LiveKit's metrics metadata ({"model_provider", "model_name"});
+    LiveKit's "unknown" placeholder and anything that is not a name count as not known."""
+    if not isinstance(metadata, Mapping):
+        return None, None
+    names: list[str | None] = []
+    for key in ("model_provider", "model_name"):
+        value = metadata.get(key)
+        known = isinstance(value, str) and value.strip() and value != "unknown"
+        names.append(value.strip()[:MAX_MODEL_NAME] if known else None)  # type: ignore[union-attr]
+    return names[0], names[1]
+
+
+def _breakdown(
+    stages: Mapping[str, Stage],
+    *,
+    hook_s: float | None,
+    llm_rounds: list[tuple[float, float, float]],
+    node_ttft: float | None,
+    tool: Stage | None,
+    first_audio: float,
+) -> tuple[dict[str, float], bool]:
+    """e2e split into BREAKDOWN_PARTS (ms) that add up to it exactly, and whether an LLM round
+    still running had to be estimated from LiveKit's node figure.
+
+    Each part is an interval on the way from the user's speech end to the first audible sample;
+    walked in pipeline order, a part counts only the time after the parts before it ended (a
+    preemptive LLM that finished before the end of turn counts 0: it was not on the critical
+    path), and the time between parts goes to "scheduling". The LLM part is the provider's own
+    time (its request to its first token): LiveKit's steps before the request are scheduling."""
+    e2e = stages["e2e"]
+    spans: list[tuple[str, float, float]] = []
+    for part, component in (
+        ("vad_silence", "vad"),
+        ("transcription", "stt"),
+        ("end_of_turn", "eou"),
+    ):
+        stage = stages.get(component)
+        if stage is not None:
+            spans.append((part, stage.start, stage.end))
+    if hook_s is not None:
+        eou = stages.get("eou")
+        hook_start = eou.end if eou is not None else (spans[-1][2] if spans else e2e.start)
+        spans.append(("on_user_turn_completed", hook_start, hook_start + hook_s))
+    tts = stages.get("tts_ttfb")
+    audio_from = tts.start if tts is not None else first_audio
+    # tools the first audio waited for; the rounds that called them ran to their end, and the
+    # round the audio came from counts to its first token
+    waited = tool if tool is not None and tool.end <= audio_from + 0.001 else None
+    generation: list[tuple[str, float, float]] = []
+    if waited is not None:
+        generation.append(("tool", waited.start, waited.end))
+    after_tools = estimated = False
+    for start, first_token, end in llm_rounds:
+        if first_token > audio_from + 0.001:
+            continue  # a later round: the audio did not wait for it
+        if waited is not None and end <= waited.start + 0.001:
+            generation.append(("llm", start, end))
+            continue
+        after_tools = after_tools or waited is not None
+        generation.append(("llm", start, first_token))
+    if waited is not None and not after_tools and node_ttft is not None:
+        # the round after the tools reports its timing only when it ends, after the first
+        # audio; LiveKit's node figure for the reply is that round's: it ends where the text
+        # reached the TTS
+        generation.append(("llm", audio_from - node_ttft, audio_from))
+        estimated = True
+    spans += sorted(generation, key=lambda span: span[1]) if len(generation) > 1 else generation
+    if tts is not None:
+        spans.append(("tts", tts.start, tts.end))
+        spans.append(("playback", tts.end, first_audio))
+    silence = stages.get("leading_silence")
+    if silence is not None:
+        spans.append(("leading_silence", silence.start, silence.end))
+    parts: dict[str, float] = {}
+    cursor, end_at = e2e.start, e2e.end
+    for part, start, end in spans:
+        begin = min(max(start, cursor), end_at)
+        stop = min(end, end_at)
+        parts[part] = parts.get(part, 0.0)
+        if stop > begin:
+            parts[part] += (stop - begin) * 1000.0
+            cursor = stop
+    parts["scheduling"] = max(0.0, e2e.duration_ms - math.fsum(parts.values()))
+    if "tool" in parts:  # the only part that can come before another (the llm) in time
+        parts = {part: parts[part] for part in BREAKDOWN_PARTS if part in parts}
+    return parts, estimated

@@ -8,6 +8,9 @@ const CONFIG = JSON.parse(document.getElementById("page-config").textContent);
 const COMPONENT_ORDER = CONFIG.components;
 const STAGE_ORDER = CONFIG.stages; // every bar the waterfall draws: components and tool time
 const BUDGET_MS = CONFIG.budget_ms; // upper end per component (e2e: the total); null: none
+const BREAKDOWN_TITLES = CONFIG.breakdown_titles; // e2e's parts, in order -> title
+const PART_ORDER = Object.keys(BREAKDOWN_TITLES);
+const BREAKDOWN_TURNS = 12;
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -163,6 +166,131 @@ function renderWaterfall(turns) {
   }
 }
 
+function partSwatch(part) {
+  const swatch = el("span", "swatch");
+  swatch.style.background = "var(--bd-" + part + ", var(--muted))";
+  return swatch;
+}
+
+function renderBreakdownLegend() {
+  const legend = document.getElementById("bd-legend");
+  if (legend.childElementCount) return;
+  for (const part of PART_ORDER) {
+    const item = el("span");
+    item.dataset.part = part;
+    item.title = BREAKDOWN_TITLES[part];
+    item.append(partSwatch(part), part);
+    legend.append(item);
+  }
+}
+
+// One stacked bar: e2e's parts side by side, in order, scaled so `span` ms fill the track.
+function breakdownRow(label, parts, settings, span) {
+  const row = el("div", "wf-row bd-row");
+  row.append(el("div", "wf-label", label));
+  const track = el("div", "bd-track");
+  for (const part of PART_ORDER) {
+    const value = parts[part];
+    if (typeof value !== "number" || !(value > 0)) continue; // absent, or hidden (0)
+    const seg = el("div", "bd-seg");
+    seg.dataset.part = part;
+    seg.style.width = (100 * value / span) + "%";
+    seg.style.background = "var(--bd-" + part + ", var(--muted))";
+    const owner = settings && settings[part] ? " (" + settings[part] + ")" : "";
+    seg.title = (BREAKDOWN_TITLES[part] || part) + ": " + ms(value) + " ms" + owner;
+    track.append(seg);
+  }
+  row.append(track);
+  return row;
+}
+
+function renderBreakdown(turns, summary) {
+  renderBreakdownLegend();
+  const rows = document.getElementById("bd-rows");
+  const recent = turns.filter((turn) => turn.breakdown_ms && Object.keys(turn.breakdown_ms).length)
+    .slice(-BREAKDOWN_TURNS).reverse();
+  const mean = summary.mean;
+  rows.replaceChildren();
+  if (recent.length === 0) {
+    rows.append(el("p", "empty", "no turns yet"));
+  } else {
+    const total = (turn) => Object.values(turn.breakdown_ms).reduce((a, b) => a + b, 0);
+    const span = Math.max(1, ...recent.map(total), mean.e2e_ms || 0);
+    const meanParts = Object.fromEntries(mean.parts.map((p) => [p.part, p.mean_ms]));
+    const meanSettings = Object.fromEntries(mean.parts.map((p) => [p.part, p.setting]));
+    const meanRow = breakdownRow("mean of " + mean.turns + " · " + ms(mean.e2e_ms) + " ms",
+      meanParts, meanSettings, span);
+    meanRow.classList.add("bd-mean-row");
+    rows.append(meanRow);
+    for (const turn of recent) {
+      const row = breakdownRow("#" + turn.index + " " + ms(total(turn)) + " ms",
+        turn.breakdown_ms, turn.breakdown_settings, span);
+      row.dataset.index = String(turn.index);
+      rows.append(row);
+    }
+  }
+  const body = document.getElementById("bd-mean-body");
+  body.replaceChildren();
+  if (!mean.parts.length) {
+    const row = el("tr", "empty");
+    const cell = el("td", null, "no turns yet");
+    cell.colSpan = 4;
+    row.append(cell);
+    body.append(row);
+    return;
+  }
+  for (const p of mean.parts) {
+    const row = el("tr");
+    row.dataset.part = p.part;
+    const title = el("td", "bd-title");
+    title.append(partSwatch(p.part), p.title);
+    title.title = p.part;
+    row.append(title);
+    row.append(el("td", "num mean", ms(p.mean_ms)));
+    row.append(el("td", "num share", mean.e2e_ms > 0 ? pct(p.mean_ms / mean.e2e_ms, 0) : "–"));
+    row.append(el("td", "setting", p.setting || ""));
+    body.append(row);
+  }
+}
+
+function renderProviders(providers) {
+  const body = document.getElementById("providers-body");
+  body.replaceChildren();
+  if (!providers.length) {
+    const row = el("tr", "empty");
+    const cell = el("td", null, "no provider named yet");
+    cell.colSpan = 5;
+    row.append(cell);
+    body.append(row);
+    return;
+  }
+  // the fastest p50 of each component that has more than one provider
+  const best = {};
+  const seen = {};
+  for (const p of providers) {
+    seen[p.component] = (seen[p.component] || 0) + 1;
+    if (!(p.component in best) || p.p50_ms < best[p.component]) best[p.component] = p.p50_ms;
+  }
+  let previous = null;
+  for (const p of providers) {
+    const row = el("tr");
+    row.dataset.component = p.component;
+    row.dataset.provider = p.provider;
+    row.dataset.model = p.model;
+    const name = el("td", "component", p.component === previous ? "" : p.component);
+    name.title = p.title;
+    row.append(name);
+    row.append(el("td", "model", p.provider + " / " + p.model));
+    row.append(el("td", "num turns", String(p.turns)));
+    const p50 = el("td", "num p50", ms(p.p50_ms));
+    if (seen[p.component] > 1 && p.p50_ms === best[p.component]) p50.classList.add("best");
+    row.append(p50);
+    row.append(el("td", "num p95", ms(p.p95_ms)));
+    body.append(row);
+    previous = p.component;
+  }
+}
+
 // Past zero the budget is spent: "-1614%" left says nothing the burn rate does not say better.
 function budgetLeft(remaining) {
   if (typeof remaining !== "number" || !isFinite(remaining)) return "budget left –";
@@ -213,12 +341,15 @@ function renderReady(ready) {
 async function refresh() {
   const updated = document.getElementById("updated");
   try {
-    const [stats, turns, slos, ready] = await Promise.all([
-      getJSON("metrics/latency"), getJSON("turns/recent"), getJSON("slo"), getJSON("ready?report=1"),
+    const [stats, turns, breakdown, slos, ready] = await Promise.all([
+      getJSON("metrics/latency"), getJSON("turns/recent"), getJSON("turns/breakdown"), getJSON("slo"),
+      getJSON("ready?report=1"),
     ]);
     renderLatency(stats);
     renderTiers(turns);
     renderWaterfall(turns);
+    renderBreakdown(turns, breakdown);
+    renderProviders(breakdown.providers);
     renderSlos(slos);
     renderReady(ready);
     updated.textContent = "updated " + new Date().toLocaleTimeString();

@@ -3,6 +3,7 @@ writes where, and serve's start-up warnings."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -15,8 +16,19 @@ import pytest
 import yaml
 
 import lk_observe
-from lk_observe.cli import build_parser, demo_script, main
-from lk_observe.presets import DEFAULT_BUDGET
+from lk_observe.cli import (
+    _format_breakdown,
+    _provider_table,
+    _whole_ms,
+    build_parser,
+    demo_greeting,
+    demo_models,
+    demo_script,
+    main,
+    simulated,
+)
+from lk_observe.presets import DEFAULT_BUDGET, SPEED_PROFILES
+from lk_observe.turns import Turn
 
 GOOD_SLO = "  - {name: e2e_good, component: e2e, threshold_s: 0.8, objective: 0.95}\n"
 
@@ -101,10 +113,93 @@ def test_the_demo_defaults_play_a_well_tuned_agent_with_occasional_slow_turns() 
     vad_budget = DEFAULT_BUDGET.upper_bound("vad")
     assert vad_budget is not None
     assert all(turn.vad_s * 1000 <= vad_budget for turn in script)  # VAD never over budget
+    # the first provider of each stage is the speed profile's own: the well-tuned stack
+    models = demo_models(profile.name)
+    assert [models[kind][0].name for kind in ("stt", "llm", "tts")] == [
+        profile.stt,
+        profile.llm,
+        profile.tts,
+    ]
     llm_budget = DEFAULT_BUDGET.upper_bound("llm_ttft")
     assert llm_budget is not None
-    slow = [turn for turn in script if turn.llm_ttft_s * 1000 > llm_budget]
+    assert models["llm"][0].typical_ms[1] <= llm_budget
+    # slow: more than twice its provider's typical worst (the provider having a bad moment)
+    worst = {str(simulated(m)): m.typical_ms[1] for pair in models.values() for m in pair}
+    slow = [t for t in script if t.llm_ttft_s * 1000 > 2 * worst[str(t.llm_model)]]
     assert 1 <= len(slow) <= len(script) // 5  # occasional, not every other turn
+
+
+@pytest.mark.parametrize("speed", sorted(SPEED_PROFILES))
+def test_the_demo_splits_each_stage_between_two_simulated_providers(speed: str) -> None:
+    profile = lk_observe.speed_profile(speed)
+    script = demo_script(12, 7, preset=profile.vad_preset, speed=speed)
+    assert script == demo_script(12, 7, preset=profile.vad_preset, speed=speed)  # seeded
+    for kind, (a, b) in demo_models(speed).items():
+        assert a.name != b.name and a.typical_ms != b.typical_ms  # two latency profiles
+        routed = [getattr(turn, f"{kind}_model") for turn in script]
+        assert {str(m) for m in routed} == {str(simulated(a)), str(simulated(b))}
+        assert all(m.provider.startswith("sim-") for m in routed)  # they say they are simulated
+        assert routed.count(simulated(a)) == routed.count(simulated(b)) == 6  # an even split
+        # each turn's delay is its own provider's: within its typical range (+ the jitter)
+        delay = {"stt": "stt_s", "llm": "llm_ttft_s", "tts": "tts_ttfb_s"}[kind]
+        for turn, model in zip(script, routed, strict=True):
+            low, high = (a if model == simulated(a) else b).typical_ms
+            ms = getattr(turn, delay) * 1000
+            assert low <= ms <= high + (high - low) * 0.3 or (kind == "llm" and ms >= 900)
+    greeting = demo_greeting(speed)
+    assert greeting.llm_model == simulated(demo_models(speed)["llm"][0])
+
+
+def _turn(index: int, parts: dict[str, float], **names: str) -> Turn:
+    e2e = sum(parts.values())
+    return Turn(
+        index=index,
+        speech_id=None,
+        started_at=0.0,
+        ended_at=1.0,
+        latency_ms={"e2e": e2e, "stt": 150.0 + index, "llm_ttft": 100.0 * index},
+        interrupted=False,
+        tier=None,
+        breakdown_ms=parts,
+        breakdown_settings={"vad_silence": "min_silence_duration=0.15s"},
+        **names,  # type: ignore[arg-type]
+    )
+
+
+def test_a_turns_breakdown_line_adds_up_in_whole_milliseconds_and_names_its_settings() -> None:
+    parts = {
+        "vad_silence": 171.6,
+        "transcription": 0.0,
+        "end_of_turn": 0.45,
+        "on_user_turn_completed": 0.09,
+        "llm": 131.86,
+        "tts": 54.43,
+        "playback": 0.11,
+        "scheduling": 1.43,
+    }
+    line = _format_breakdown(_turn(2, parts))
+    assert line == (
+        "  e2e 360 ms = vad_silence 172 (min_silence_duration=0.15s) + end_of_turn 1 + llm 132"
+        " + tts 54 + scheduling 1"
+    )
+    assert sum(ms for _, ms in _whole_ms(list(parts.items()))) == round(sum(parts.values()))
+    assert _format_breakdown(dataclasses.replace(_turn(3, parts), breakdown_ms={})) is None
+
+
+def test_the_provider_table_compares_each_components_providers() -> None:
+    parts = {"vad_silence": 150.0, "llm": 100.0}
+    fast = {"llm_provider": "sim-groq", "llm_model": "llama", "stt_provider": "sim-deepgram"}
+    slow = {"llm_provider": "sim-openai", "llm_model": "gpt-4.1-mini"}
+    turns = [_turn(i, parts, **(fast if i % 2 else slow)) for i in range(1, 7)]
+    lines = _provider_table(turns)
+    assert lines[1].split() == ["component", "provider/model", "turns", "p50", "p95"]
+    assert [line.split()[:2] for line in lines[2:]] == [
+        ["stt", "sim-deepgram/unknown"],
+        ["llm_ttft", "sim-groq/llama"],
+        ["sim-openai/gpt-4.1-mini", "3"],
+    ]
+    assert lines[3].split()[2:] == ["3", "300.0", "480.0"]  # turns 1, 3, 5: 100, 300, 500 ms
+    assert max(len(line) for line in lines) <= 100
 
 
 # -- generate: SLO files ------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from lk_observe.dashboards import render_dashboards
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.slo import DEFAULT_SLOS
-from lk_observe.turns import COMPONENTS
+from lk_observe.turns import BREAKDOWN_PARTS, COMPONENTS, MODEL_COMPONENTS
 from tests import promstack
 
 AGENTS = ("support", "sales")
@@ -47,6 +47,27 @@ MEDIAN_S = {
     "tts_ttfb": 0.06,
     "leading_silence": 0.04,
 }
+# Two (provider, model) pairs per stage, as during an A/B rollout; a few turns name none.
+MODELS = {
+    "stt": (("deepgram", "nova-3"), ("assemblyai", "universal")),
+    "llm_ttft": (("openai", "gpt-4o-mini"), ("google", "gemini-2.0-flash")),
+    "tts_ttfb": (("cartesia", "sonic-2"), ("elevenlabs", "eleven_flash_v2_5")),
+}
+UNKNOWN_MODEL_SHARE = 0.1
+# Relative weight of each part of e2e; "tool" only on some turns (a part can be absent).
+PART_WEIGHTS = {
+    "vad_silence": 5.0,
+    "transcription": 1.0,
+    "end_of_turn": 2.0,
+    "on_user_turn_completed": 0.2,
+    "llm": 3.0,
+    "tool": 2.0,
+    "tts": 1.0,
+    "playback": 0.3,
+    "leading_silence": 0.5,
+    "scheduling": 0.2,
+}
+TOOL_SHARE = 0.2
 HISTORY_S = 3 * 86400 + 2 * 3600  # a little more than the longest burn window (3d)
 HISTORY_STEP_S = 300
 # What Grafana substitutes for the dashboards' default range (now-6h) with a 1s scrape interval.
@@ -66,12 +87,32 @@ class Traffic:
     def turn(self, agent: str) -> None:
         for component in COMPONENTS:
             seconds = MEDIAN_S[component] * math.exp(self.rng.gauss(0.0, 0.4))
-            self.metrics.latency.labels(component=component, agent=agent).observe(seconds)
+            provider, model = self.model(component)
+            self.metrics.latency.labels(
+                component=component, agent=agent, provider=provider, model=model
+            ).observe(seconds)
             if component == "e2e":
                 tier = "excellent" if seconds < 0.5 else "good" if seconds < 0.8 else "slow"
                 self.metrics.turns.labels(agent=agent, tier=tier).inc()
+                for part, part_s in self.breakdown(seconds).items():
+                    self.metrics.breakdown.labels(agent=agent, part=part).inc(part_s)
             elif seconds > 1.5 * MEDIAN_S[component]:
                 self.metrics.budget_overrun(agent, component)
+
+    def model(self, component: str) -> tuple[str, str]:
+        """The (provider, model) labels of one observation; ("", "") when there are none."""
+        if component not in MODEL_COMPONENTS or self.rng.random() < UNKNOWN_MODEL_SHARE:
+            return "", ""
+        return self.rng.choice(MODELS[component])
+
+    def breakdown(self, e2e_s: float) -> dict[str, float]:
+        """`e2e_s` split into parts that add up to it, "scheduling" being the remainder."""
+        present = [p for p in BREAKDOWN_PARTS if p != "tool" or self.rng.random() < TOOL_SHARE]
+        weights = {p: PART_WEIGHTS[p] * self.rng.uniform(0.5, 1.5) for p in present}
+        total = sum(weights.values())
+        parts = {p: e2e_s * w / total for p, w in weights.items() if p != "scheduling"}
+        parts["scheduling"] = max(e2e_s - sum(parts.values()), 0.0)
+        return parts
 
     def step(self, turns: int) -> None:
         with self.lock:
@@ -269,3 +310,54 @@ def test_panel_query_returns_data(
         assert rows, f"{dashboard}: {panel} returned nothing for agent={agent!r}: {query}"
         if not expr.startswith("ALERTS"):
             assert _has_number(rows), f"{dashboard}: {panel}: only NaN for {agent!r}: {rows}"
+
+
+def _panel_exprs(title: str) -> dict[str, str]:
+    """legendFormat -> expr of the components dashboard's panel `title`."""
+    board = json.loads(render_dashboards(DEFAULT_SLOS)["voice-agent-components.json"])
+    [panel] = [p for p in board["panels"] if p["title"] == title]
+    return {t["legendFormat"]: t["expr"] for t in panel["targets"]}
+
+
+@pytest.mark.parametrize("agent", AGENT_VALUES)
+def test_where_the_wait_goes_stacks_up_to_the_mean_e2e(
+    prom: tuple[BackfilledPrometheus, bool], agent: str
+) -> None:
+    """The breakdown parts, stacked, equal the mean e2e line: means add up. Read a day back,
+    where only the backfill is (every series sampled at the same instants), over a window
+    holding several of its 5-minute samples."""
+    server, _ = prom
+    exprs = _panel_exprs("Where the wait goes")
+    at = time.time() - 86400
+
+    def run(expr: str) -> list[dict[str, Any]]:
+        query = grafana_interpolate(expr.replace("$__rate_interval", "30m"), agent)
+        return promstack.query(server.url, query, at=at)
+
+    parts = {row["metric"]["part"]: float(row["value"][1]) for row in run(exprs["{{part}}"])}
+    [mean] = [float(row["value"][1]) for row in run(exprs["mean e2e"])]
+    assert set(parts) == set(BREAKDOWN_PARTS)
+    assert all(value > 0 for value in parts.values()), parts
+    assert 0.3 < mean < 2.0  # the e2e median is 0.7 s
+    assert math.isclose(sum(parts.values()), mean, rel_tol=1e-6), (sum(parts.values()), mean)
+
+
+def test_providers_table_has_one_row_per_component_provider_and_model(
+    prom: tuple[BackfilledPrometheus, bool],
+) -> None:
+    """The three queries Grafana merges into the table: each gives one row per (component,
+    provider, model) that served turns, none for turns without a provider."""
+    server, _ = prom
+    exprs = _panel_exprs("Providers per component")
+    want = {(c, p, m) for c, pairs in MODELS.items() for p, m in pairs}
+    for agent in AGENT_VALUES:
+        for legend, expr in exprs.items():
+            rows = server.query(grafana_interpolate(expr, agent))
+            keys = [
+                (r["metric"]["component"], r["metric"]["provider"], r["metric"]["model"])
+                for r in rows
+            ]
+            assert sorted(keys) == sorted(want), (legend, agent, keys)
+            values = [float(r["value"][1]) for r in rows]
+            assert all(math.isfinite(v) and v > 0 for v in values), (legend, agent, rows)
+            assert set(rows[0]["metric"]) == {"component", "provider", "model"}, rows[0]

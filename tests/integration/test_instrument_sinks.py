@@ -52,7 +52,8 @@ def played() -> tuple[list[lk_observe.Turn], CollectorRegistry, InMemorySpanExpo
         )
         zero_before_first_turn.append(
             registry.get_sample_value(
-                "voice_agent_latency_seconds_count", {"component": "e2e", "agent": "sinks"}
+                "voice_agent_latency_seconds_count",
+                {"component": "e2e", "agent": "sinks", "provider": "", "model": ""},
             )
         )
         await run_pipeline(pipeline)
@@ -119,6 +120,7 @@ def test_no_id_like_label_anywhere(played) -> None:  # type: ignore[no-untyped-d
     turns, registry, _, _ = played
     body, _ = render_metrics(registry)
     allowed = {"component", "agent", "tier", "error_type", "sink", "label", "le"}
+    allowed |= {"provider", "model", "part"}  # bounded: at most 20 pairs, the fixed parts
     id_like = re.compile(r"(speech_|item_|[0-9a-f]{16,}|[0-9a-f]{8}-[0-9a-f]{4}-)")
     ids = {t.session_id for t in turns} | {t.speech_id for t in turns if t.speech_id}
     for family in text_string_to_metric_families(body.decode()):

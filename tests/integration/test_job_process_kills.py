@@ -109,6 +109,8 @@ def samples(text: str) -> Samples:
 
 
 def sample(found: Samples, name: str, **labels: str) -> float:
+    if name.startswith("voice_agent_latency_seconds"):  # no provider/model unless given
+        labels = {"provider": "", "model": "", **labels}
     return found.get((name, frozenset(labels.items())), 0.0)
 
 

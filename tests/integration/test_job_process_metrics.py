@@ -76,6 +76,8 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def sample(
     found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
 ) -> float:
+    if name.startswith("voice_agent_latency_seconds"):  # no provider/model unless given
+        labels = {"provider": "", "model": "", **labels}
     return found.get((name, frozenset(labels.items())), 0.0)
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -28,9 +30,24 @@ from prometheus_client import CollectorRegistry
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.monitor import LatencyMonitor
 from lk_observe.presets import DEFAULT_BUDGET
-from lk_observe.recent import RecentTurns
+from lk_observe.recent import (
+    RecentTurns,
+    mean_breakdown,
+    parse_turn_summary,
+    percentile,
+    provider_comparison,
+    turn_summary,
+)
 from lk_observe.server import Server, serve
-from lk_observe.turns import EXCELLENT_BELOW_MS, GOOD_BELOW_MS, Stage, Turn, tier_for
+from lk_observe.turns import (
+    BREAKDOWN_PARTS,
+    BREAKDOWN_TITLES,
+    EXCELLENT_BELOW_MS,
+    GOOD_BELOW_MS,
+    Stage,
+    Turn,
+    tier_for,
+)
 
 CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 SCREENSHOT = Path(tempfile.gettempdir()) / "lk_observe_live_page.png"
@@ -240,6 +257,31 @@ READ_PAGE = """(() => {
     ready: text('#ready'),
     bargeIn: {...document.querySelector('#barge-in').dataset},
     bargeInText: text('#barge-in'),
+    breakdownLegend: [...document.querySelectorAll('#bd-legend [data-part]')]
+      .map((n) => n.dataset.part),
+    breakdownRows: [...document.querySelectorAll('#bd-rows .bd-row')].map((r) => ({
+      label: r.querySelector('.wf-label').textContent,
+      parts: [...r.querySelectorAll('.bd-seg')].map((g) => g.dataset.part),
+      tips: [...r.querySelectorAll('.bd-seg')].map((g) => g.title),
+      widths: [...r.querySelectorAll('.bd-seg')].map((g) => parseFloat(g.style.width)),
+    })),
+    breakdownMean: [...document.querySelectorAll('#bd-mean-body tr[data-part]')].map((r) => ({
+      part: r.dataset.part,
+      title: r.querySelector('.bd-title').textContent,
+      mean: r.querySelector('.mean').textContent,
+      share: r.querySelector('.share').textContent,
+      setting: r.querySelector('.setting').textContent,
+    })),
+    providers: [...document.querySelectorAll('#providers-body tr[data-component]')].map((r) => ({
+      component: r.dataset.component,
+      provider: r.dataset.provider,
+      model: r.dataset.model,
+      name: r.querySelector('.model').textContent,
+      turns: r.querySelector('.turns').textContent,
+      p50: r.querySelector('.p50').textContent,
+      p95: r.querySelector('.p95').textContent,
+      best: r.querySelector('.p50').classList.contains('best'),
+    })),
   };
 })()"""
 
@@ -423,3 +465,220 @@ async def test_tool_time_has_its_own_colour_and_legend_and_interrupted_turns_say
             assert page.problems() == []
     finally:
         assert server.stop()
+
+
+# -- why it took that long: the breakdown, the providers compared --------------------------------
+
+# (provider, model) per component, A and B, and how fast each is (ms)
+MODELS = {
+    "stt": ((("sim-deepgram", "nova-3"), 160.0), (("sim-assemblyai", "universal"), 320.0)),
+    "llm_ttft": ((("sim-groq", "llama-3.3-70b"), 150.0), (("sim-openai", "gpt-4.1-mini"), 380.0)),
+    "tts_ttfb": ((("sim-cartesia", "sonic-2"), 50.0), (("sim-elevenlabs", "flash-v2.5"), 110.0)),
+}
+SETTINGS = {
+    "vad_silence": "min_silence_duration=0.55s",
+    "end_of_turn": "endpointing.min_delay=0.5s",
+}
+
+
+def js_round(value: float) -> int:
+    """The page's Math.round: halves up (Python's round() takes them to even)."""
+    return math.floor(value + 0.5)
+
+
+def breakdown_turn(index: int) -> Turn:
+    """A turn whose STT, LLM and TTS each come from provider A or B (by index), with e2e split
+    into parts that add up to it; LLM turns hide behind the end of turn now and then (0 ms)."""
+    t0 = 1_700_000_000.0 + index * 10
+    picks = {c: MODELS[c][(index >> n) % 2] for n, c in enumerate(MODELS)}
+    jitter = (index % 5) * 3.0
+    latency = {c: speed + jitter for c, ((_, _), speed) in picks.items()}
+    parts = {
+        "vad_silence": 550.0 + jitter,
+        "transcription": 0.0 if latency["stt"] < 200 else latency["stt"] - 150.0,
+        "end_of_turn": 12.0,
+        "on_user_turn_completed": 0.4,
+        "llm": 0.0 if index % 7 == 3 else latency["llm_ttft"],  # preemptive: hidden
+        "tts": latency["tts_ttfb"],
+        "playback": 1.5,
+        "scheduling": 4.25,
+    }
+    e2e = sum(parts.values())
+    names = {c: pick[0] for c, pick in picks.items()}
+    return Turn(
+        index=index,
+        speech_id=f"speech_{index}",
+        started_at=t0,
+        ended_at=t0 + 3,
+        latency_ms={"e2e": e2e, "vad": parts["vad_silence"], **latency},
+        interrupted=False,
+        tier=tier_for(e2e),
+        agent="support",
+        stages={"e2e": Stage(t0, t0 + e2e / 1000)},
+        breakdown_ms=parts,
+        breakdown_settings=SETTINGS,
+        stt_provider=names["stt"][0],
+        stt_model=names["stt"][1],
+        llm_provider=names["llm_ttft"][0],
+        llm_model=names["llm_ttft"][1],
+        tts_provider=names["tts_ttfb"][0],
+        tts_model=names["tts_ttfb"][1],
+    )
+
+
+async def test_live_page_shows_why_turns_took_that_long_and_compares_providers(
+    tmp_path: Path,
+) -> None:
+    monitor, recent = LatencyMonitor(window_s=300), RecentTurns(maxlen=50)
+    turns = [breakdown_turn(i) for i in range(16)]
+    greeting = Turn(  # an agent turn: no breakdown, its LLM and TTS are still compared
+        index=99,
+        speech_id="greeting",
+        started_at=1_700_000_500.0,
+        ended_at=1_700_000_501.0,
+        latency_ms={"llm_ttft": 140.0, "tts_ttfb": 48.0},
+        interrupted=False,
+        tier=None,
+        kind="agent",
+        agent="support",
+        llm_provider="sim-groq",
+        llm_model="llama-3.3-70b",
+        tts_provider="sim-cartesia",
+        tts_model="sonic-2",
+    )
+    for turn in (*turns, greeting):
+        monitor.record_turn(turn)
+        recent.add(turn)
+    summaries = [turn_summary(t) for t in recent.turns()]
+    server = serve(port=0, monitor=monitor, registry=CollectorRegistry(), recent=recent)
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"{server.url}/turns/recent") as response:
+                listed = await response.json()
+            async with client.get(f"{server.url}/turns/breakdown") as response:
+                served = await response.json()
+        # the recent turns carry the breakdown, its settings and the model names
+        assert listed[0]["breakdown_ms"] == dict(turns[0].breakdown_ms)
+        used = [p for p in BREAKDOWN_PARTS if p in turns[0].breakdown_ms]  # no tool, no silence
+        assert list(listed[0]["breakdown_ms"]) == used
+        assert listed[0]["breakdown_settings"] == SETTINGS
+        assert (listed[0]["stt_provider"], listed[0]["stt_model"]) == ("sim-deepgram", "nova-3")
+        assert listed[-1]["breakdown_ms"] == {} and listed[-1]["llm_provider"] == "sim-groq"
+        # computed on the server, from the same recent turns
+        assert served["providers"] == provider_comparison(summaries)
+        assert served["mean"] == mean_breakdown(summaries)
+        assert served["mean"]["turns"] == len(turns)
+        mean_e2e = sum(t.latency_ms["e2e"] for t in turns) / len(turns)
+        assert served["mean"]["e2e_ms"] == pytest.approx(mean_e2e)
+        assert sum(p["mean_ms"] for p in served["mean"]["parts"]) == pytest.approx(mean_e2e)
+        # two providers per component, each with its own turns and percentiles
+        rows = served["providers"]
+        assert [(r["component"], r["provider"]) for r in rows] == [
+            ("stt", "sim-assemblyai"),
+            ("stt", "sim-deepgram"),
+            ("llm_ttft", "sim-groq"),
+            ("llm_ttft", "sim-openai"),
+            ("tts_ttfb", "sim-cartesia"),
+            ("tts_ttfb", "sim-elevenlabs"),
+        ]
+        groq = [t.latency_ms["llm_ttft"] for t in turns if t.llm_provider == "sim-groq"]
+        assert rows[2]["turns"] == len(groq) + 1  # the greeting's LLM too
+        assert rows[2]["p50_ms"] == pytest.approx(percentile([*groq, 140.0], 0.5))
+        assert rows[2]["p95_ms"] == pytest.approx(percentile([*groq, 140.0], 0.95))
+
+        async with chromium(tmp_path) as page:
+            await page.send("Page.navigate", url=f"{server.url}/")
+            await page.wait_until("document.body && document.body.dataset.loaded === 'true'")
+            shown = await page.evaluate(READ_PAGE)
+
+            # the legend: every part, in order
+            assert shown["breakdownLegend"] == list(BREAKDOWN_PARTS)
+            # the mean over the recent turns first, then the 12 newest turns, newest first
+            bars = shown["breakdownRows"]
+            assert len(bars) == 1 + 12
+            assert bars[0]["label"] == f"mean of {len(turns)} · {js_round(mean_e2e)} ms"
+            assert bars[1]["label"].startswith(f"#{turns[-1].index} ")
+            # a stacked bar: the parts that took time, in order (0 ms and absent: no segment)
+            newest = turns[-1]
+            assert bars[1]["parts"] == [p for p in BREAKDOWN_PARTS if newest.breakdown_ms.get(p)]
+            hidden = next(i for i, row in enumerate(bars[1:]) if "llm" not in row["parts"])
+            assert turns[-1 - hidden].breakdown_ms["llm"] == 0.0
+            assert bars[1]["tips"][0] == (
+                f"VAD silence: {js_round(newest.breakdown_ms['vad_silence'])} ms "
+                "(min_silence_duration=0.55s)"
+            )
+            longest = max(mean_e2e, *(sum(t.breakdown_ms.values()) for t in turns[-12:]))
+            assert sum(bars[1]["widths"]) == pytest.approx(
+                100 * sum(newest.breakdown_ms.values()) / longest, abs=0.01
+            )
+            # the mean's table: parts in order, with their titles, means, shares and settings
+            table = shown["breakdownMean"]
+            assert [r["part"] for r in table] == used
+            for row, part in zip(table, served["mean"]["parts"], strict=True):
+                assert row["title"] == BREAKDOWN_TITLES[part["part"]]
+                assert row["mean"] == str(js_round(part["mean_ms"]))
+                assert row["share"] == f"{js_round(100 * part['mean_ms'] / mean_e2e)}%"
+                assert row["setting"] == SETTINGS.get(part["part"], "")
+
+            # the providers compared: as the server computed them, the faster p50 marked
+            assert [(r["component"], r["provider"], r["model"]) for r in shown["providers"]] == [
+                (r["component"], r["provider"], r["model"]) for r in rows
+            ]
+            for on_page, row in zip(shown["providers"], rows, strict=True):
+                assert on_page["name"] == f"{row['provider']} / {row['model']}"
+                assert on_page["turns"] == str(row["turns"])
+                assert on_page["p50"] == str(js_round(row["p50_ms"]))
+                assert on_page["p95"] == str(js_round(row["p95_ms"]))
+            assert [r["provider"] for r in shown["providers"] if r["best"]] == [
+                "sim-deepgram",
+                "sim-groq",
+                "sim-cartesia",
+            ]
+
+            shot = await page.send("Page.captureScreenshot", format="png")
+            (tmp_path / "breakdown.png").write_bytes(base64.b64decode(shot["data"]))
+            assert page.problems() == []
+    finally:
+        assert server.stop()
+
+
+def test_a_recent_turn_travels_between_processes_with_its_breakdown_and_models() -> None:
+    turn = breakdown_turn(5)
+    summary = turn_summary(turn)
+    assert parse_turn_summary(json.loads(json.dumps(summary))) == summary
+    # a summary written by an older lk_observe (no breakdown, no names) still reads
+    old = {k: v for k, v in summary.items() if "breakdown" not in k and "_provider" not in k}
+    old = {k: v for k, v in old.items() if not k.endswith("_model")}
+    parsed = parse_turn_summary(old)
+    assert parsed["breakdown_ms"] == {} and parsed["llm_provider"] is None
+    for bad in (
+        {"breakdown_ms": {"nap": 1.0}},
+        {"breakdown_ms": {"llm": float("nan")}},
+        {"breakdown_ms": {"llm": True}},
+        {"breakdown_settings": {"llm": "x" * 200}},
+        {"breakdown_settings": {"vad_silence": 0.5}},
+        {"stt_provider": "x" * 200},
+        {"tts_model": 7},
+    ):
+        with pytest.raises(ValueError):
+            parse_turn_summary({**summary, **bad})
+
+
+def test_provider_names_and_settings_on_the_page_are_bounded() -> None:
+    long = "p" * 1000
+    turn = dataclasses.replace(
+        breakdown_turn(1),
+        llm_provider=long,
+        breakdown_settings={"end_of_turn": "s" * 1000},
+    )
+    summary = turn_summary(turn)
+    assert len(summary["llm_provider"]) <= 128
+    assert len(summary["breakdown_settings"]["end_of_turn"]) <= 128
+    assert parse_turn_summary(summary) == summary
+
+
+def test_percentile_interpolates_between_the_nearest_values() -> None:
+    assert percentile([], 0.5) == 0.0
+    assert percentile([7.0], 0.95) == 7.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([10.0, 0.0, 20.0], 0.95) == pytest.approx(19.0)

@@ -39,6 +39,7 @@ ENDPOINTS = (
     "/metrics/latency",
     "/slo",
     "/turns/recent",
+    "/turns/breakdown",
     "/static/app.js",
     "/static/style.css",
     "/favicon.ico",

@@ -68,7 +68,8 @@ def play(
         await asyncio.sleep(0.05)  # on_turn hand-backs run on this loop
         messages = [item for item in pipeline.session.history.items if item.type == "message"]
         live = registry.get_sample_value(
-            "voice_agent_latency_seconds_count", {"component": "e2e", "agent": "default"}
+            "voice_agent_latency_seconds_count",
+            {"component": "e2e", "agent": "default", "provider": "", "model": ""},
         )
         return Played(turns, messages, truth, registry, exporter, handle, live or 0.0)
 

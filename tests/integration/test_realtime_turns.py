@@ -51,6 +51,8 @@ class Played:
     handle: lk_observe.InstrumentHandle
 
     def sample(self, name: str, **labels: str) -> float | None:
+        if name.startswith("voice_agent_latency_seconds"):  # no provider/model unless given
+            labels = {"provider": "", "model": "", **labels}
         return self.registry.get_sample_value(name, {"agent": "default", **labels})
 
     def replies(self) -> list[llm.ChatMessage]:

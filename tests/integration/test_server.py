@@ -21,6 +21,7 @@ from lk_observe.server import Server, add_readiness_check, create_app, serve
 from lk_observe.slo import DEFAULT_SLOS
 from lk_observe.turns import Stage, Turn, tier_for
 
+NO_MODEL = 'model="",provider=""'  # e2e belongs to no single provider
 E2E_MS = [300.0, 420.0, 480.0, 650.0, 700.0, 790.0, 900.0, 1200.0]
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 
@@ -199,10 +200,14 @@ def test_metrics_text_matches_the_observed_turns(
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = response.text
     n = len(E2E_MS)
-    assert f'voice_agent_latency_seconds_count{{agent="support",component="e2e"}} {n}.0' in text
+    assert (
+        f'voice_agent_latency_seconds_count{{agent="support",component="e2e",{NO_MODEL}}} {n}.0'
+        in text
+    )
     under_800 = sum(1 for ms in E2E_MS if ms <= 800)
     assert (
-        f'voice_agent_latency_seconds_bucket{{agent="support",component="e2e",le="0.8"}} '
+        f'voice_agent_latency_seconds_bucket{{agent="support",component="e2e",le="0.8",'
+        f"{NO_MODEL}}} "
         f"{under_800}.0" in text
     )
     slow = sum(1 for ms in E2E_MS if ms >= 800)

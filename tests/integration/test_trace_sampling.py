@@ -98,7 +98,8 @@ def test_slow_tool_and_interrupted_turns_are_kept_and_the_fast_ones_counted(scri
     assert {s.context.trace_id for s in children} <= kept
     # the metrics still saw every turn
     count = registry.get_sample_value(
-        "voice_agent_latency_seconds_count", {"component": "e2e", "agent": "sampled"}
+        "voice_agent_latency_seconds_count",
+        {"component": "e2e", "agent": "sampled", "provider": "", "model": ""},
     )
     assert count == sum("e2e" in t.latency_ms for t in turns)
     # exemplars only point at kept traces (an interrupted turn kept at its end has none)

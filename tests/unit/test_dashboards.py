@@ -11,7 +11,7 @@ from typing import Any
 from lk_observe.dashboards import build_dashboards, render_dashboards
 from lk_observe.presets import GUIDE_BUDGET
 from lk_observe.slo import DEFAULT_SLOS, SLO, BurnWindow
-from lk_observe.turns import COMPONENTS, STAGES
+from lk_observe.turns import BREAKDOWN_PARTS, BREAKDOWN_TITLES, COMPONENTS, STAGES
 from tests.fleet_queries import assert_sum_across_pods
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,3 +232,93 @@ def test_every_query_sums_across_pods() -> None:
     assert_sum_across_pods(
         [t["expr"] for board in _rendered().values() for _, t in _targets(board)], at_least=21
     )
+
+
+def _components_panels() -> dict[str, Panel]:
+    return {p["title"]: p for p in _panels(_rendered()["voice-agent-components.json"])}
+
+
+def test_where_the_wait_goes_stacks_the_breakdown_up_to_the_mean_e2e() -> None:
+    panels = _components_panels()
+    panel = panels["Where the wait goes"]
+    budget = panels["Pipeline budget: stacked p50 vs the guide"]
+    assert panel["gridPos"]["y"] == budget["gridPos"]["y"]  # side by side
+    assert panel["type"] == "timeseries"
+    assert panel["fieldConfig"]["defaults"]["unit"] == "s"
+    assert panel["fieldConfig"]["defaults"]["custom"]["stacking"] == {
+        "mode": "normal",
+        "group": "A",
+    }
+    parts, mean = panel["targets"]
+    assert parts["expr"] == (
+        'sum by (part) (rate(voice_agent_e2e_breakdown_seconds_total{agent=~"$agent"}'
+        "[$__rate_interval])) / scalar(sum(rate(voice_agent_latency_seconds_count"
+        '{component="e2e",agent=~"$agent"}[$__rate_interval])))'
+    )
+    assert parts["legendFormat"] == "{{part}}"
+    assert mean["expr"] == (
+        'sum(rate(voice_agent_latency_seconds_sum{component="e2e",agent=~"$agent"}'
+        "[$__rate_interval])) / sum(rate(voice_agent_latency_seconds_count"
+        '{component="e2e",agent=~"$agent"}[$__rate_interval]))'
+    )
+    overrides = {
+        o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
+        for o in panel["fieldConfig"]["overrides"]
+    }
+    assert {part: overrides[part]["displayName"] for part in BREAKDOWN_PARTS} == dict(
+        BREAKDOWN_TITLES
+    )
+    line = overrides[mean["legendFormat"]]
+    assert line["custom.stacking"]["mode"] == "none" and line["custom.fillOpacity"] == 0
+    assert "means add up, percentiles do not" in panel["description"]
+
+
+def test_providers_table_compares_each_model_of_a_stage() -> None:
+    panel = _components_panels()["Providers per component"]
+    assert panel["type"] == "table"
+    targets = {t["refId"]: t for t in panel["targets"]}
+    assert sorted(targets) == ["A", "B", "C"]
+    for target in targets.values():
+        assert target["instant"] is True and target["format"] == "table"
+        assert 'component=~"stt|llm_ttft|tts_ttfb"' in target["expr"]
+        assert 'provider!=""' in target["expr"] and 'agent=~"$agent"' in target["expr"]
+        assert "[$__range]" in target["expr"]
+    for ref, q in (("A", "0.5"), ("B", "0.95")):
+        assert targets[ref]["expr"].startswith(
+            f"histogram_quantile({q}, sum by (component, provider, model, le) (rate("
+            "voice_agent_latency_seconds_bucket{"
+        )
+    assert targets["C"]["expr"].startswith(
+        "sum by (component, provider, model) (increase(voice_agent_latency_seconds_count{"
+    )
+    merge, organize = panel["transformations"]
+    assert merge["id"] == "merge"
+    assert organize["id"] == "organize"
+    assert organize["options"]["renameByName"] == {
+        "Value #A": "p50",
+        "Value #B": "p95",
+        "Value #C": "turns",
+    }
+    assert organize["options"]["excludeByName"] == {"Time": True}
+
+
+def test_every_latency_quantile_sums_its_buckets_by_le() -> None:
+    """provider and model split a component's buckets: a quantile that kept them (no sum, or a
+    sum without `le`) would draw a line per model, or none at all."""
+    from lk_observe.rules import rule_groups
+
+    exprs = [t["expr"] for board in _rendered().values() for _, t in _targets(board)]
+    exprs += [
+        rule["expr"] for group in rule_groups(DEFAULT_SLOS)["groups"] for rule in group["rules"]
+    ]
+    quantiles = [e for e in exprs if "histogram_quantile(" in e]
+    assert len(quantiles) >= 10
+    pattern = re.compile(
+        r"histogram_quantile\([\d.]+,\s*sum by \(([^)]*)\) \("
+        r"rate\(voice_agent_latency_seconds_bucket"
+    )
+    for expr in quantiles:
+        found = pattern.findall(expr)
+        assert len(found) == expr.count("histogram_quantile("), expr
+        for labels in found:
+            assert "le" in re.split(r",\s*", labels), expr

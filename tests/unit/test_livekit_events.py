@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from livekit.agents import AgentSession
 from livekit.agents.metrics import LLMMetrics, RealtimeModelMetrics
-from livekit.agents.voice import events
+from livekit.agents.voice import agent_activity, events
 from livekit.agents.voice.speech_handle import SpeechHandle
 
 from lk_observe.livekit_events import OBSERVED_EVENTS, PRIVATE_ATTRIBUTES
@@ -55,6 +55,7 @@ def test_each_livekit_private_read_still_exists(owner: str, attribute: str) -> N
         instances: dict[str, Any] = {
             "AgentSession": AgentSession(),
             "SpeechHandle": SpeechHandle.create(),
+            "agent_activity": agent_activity,
         }
         assert hasattr(instances[owner], attribute), (
             f"livekit-agents no longer has {owner}.{attribute}: lk_observe/livekit_events.py "
@@ -67,3 +68,19 @@ def test_each_livekit_private_read_still_exists(owner: str, attribute: str) -> N
 
 def test_session_exposes_current_speech_publicly() -> None:
     assert isinstance(AgentSession.__dict__.get("current_speech"), property)
+
+
+def test_session_listeners_are_seen_so_no_listener_means_no_wake_up() -> None:
+    from lk_observe.livekit_events import has_session_listeners
+    from lk_observe.signals import BUDGET_EVENT
+
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    try:
+        session: Any = AgentSession()
+        assert not has_session_listeners(session, BUDGET_EVENT)
+        session.on(BUDGET_EVENT, lambda signal: None)
+        assert has_session_listeners(session, BUDGET_EVENT)
+        assert has_session_listeners(object(), BUDGET_EVENT)  # cannot tell: signal anyway
+    finally:
+        asyncio.get_event_loop().close()
+        asyncio.set_event_loop(None)

@@ -37,6 +37,8 @@ def make_turn(
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    if name.startswith("voice_agent_latency_seconds"):  # no provider/model unless given
+        labels = {"provider": "", "model": "", **labels}
     found = registry.get_sample_value(name, labels)
     return 0.0 if found is None else found
 
@@ -225,7 +227,8 @@ def test_exemplar_carries_the_trace_id_in_openmetrics(registry: CollectorRegistr
     assert plain_type == TEXT_CONTENT_TYPE
     assert b"trace_id" not in plain  # the classic text format has no exemplars
     assert (
-        b'voice_agent_latency_seconds_bucket{agent="default",component="e2e",le="0.5"} 1.0' in plain
+        b'voice_agent_latency_seconds_bucket{agent="default",component="e2e",le="0.5",'
+        b'model="",provider=""} 1.0' in plain
     )
 
 

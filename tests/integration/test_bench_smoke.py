@@ -61,3 +61,12 @@ def test_the_audio_tap_benchmark_reports_per_frame_and_per_second_figures() -> N
     assert results["input frame through the tap, all in (us)"] > 0
     assert results["session + Silero, CPU ms per s of audio"] > 0
     assert "added by lk_observe, CPU ms per s of audio" in results
+
+
+def test_the_build_comparison_runs_both_builds() -> None:
+    medians = load_benchmark("bench_builds").main(
+        ["--base", "HEAD", "--pairs", "1", "--turns", "20", "--repeat", "1"]
+    )
+    assert set(medians) == {"lk_observe, no-op spans, paced", "lk_observe, paced",
+                            "lk_observe, fast at 10%, paced"}  # fmt: skip
+    assert all(before > 0 and after > 0 for before, after in medians.values())

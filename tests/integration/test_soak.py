@@ -105,8 +105,9 @@ def test_metrics_output_and_series_stay_bounded(soak: Any) -> None:
         assert len(r.admitted_agents) == bench.AGENT_LIMIT
         assert r.label_overflow > 0
         # per agent label at most: 6 latency histograms x (26 buckets + count, sum, created),
-        # 3 tiers x (total, created), active 1, sessions 2, 5 budget counters x 2
-        per_agent = 6 * 29 + 3 * 2 + 1 + 2 + 5 * 2
+        # 3 tiers x (total, created), active 1, sessions 2, 5 budget counters x 2, the e2e
+        # breakdown's parts x (total, created)
+        per_agent = 6 * 29 + 3 * 2 + 1 + 2 + 5 * 2 + len(lk_observe.BREAKDOWN_PARTS) * 2
         assert late.samples <= len(r.agent_labels) * per_agent + 10  # + overflow counters
 
 

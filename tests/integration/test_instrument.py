@@ -433,7 +433,7 @@ def test_close_flushes_pending_turns_through_on_turn() -> None:
 def test_with_fields_is_dataclasses_replace_for_every_field() -> None:
     import dataclasses
 
-    from lk_observe.sinks import with_fields
+    from lk_observe.turns import with_fields
 
     turn = lk_observe.Turn(
         index=3,

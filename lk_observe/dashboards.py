@@ -423,15 +423,17 @@ def breakdown_panel() -> timeseries.Panel:
         .stacking(common_b.StackingConfig().mode(common.StackingMode.NORMAL).group("A"))
         .fill_opacity(50)
         .min(0)
-        .with_target(_query(breakdown_expr(RATE_INTERVAL, AGENT), "{{part}}", "A"))
-        .with_target(
-            _query(mean_expr(RATE_INTERVAL, component_matcher("e2e"), AGENT), MEAN_E2E, "B")
-        )
     )
+    # one query per part, in the order they lie on the path: the stack reads bottom-up as the
+    # caller's wait went (one query for all would stack them in label order)
+    refs = (chr(ord("A") + n) for n in range(len(BREAKDOWN_TITLES) + 1))
     for part, title in BREAKDOWN_TITLES.items():
-        panel = panel.override_by_name(
-            part, [dash_m.DynamicConfigValue(id_val="displayName", value=title)]
+        panel = panel.with_target(
+            _query(breakdown_expr(RATE_INTERVAL, AGENT, part=part), title, next(refs))
         )
+    panel = panel.with_target(
+        _query(mean_expr(RATE_INTERVAL, component_matcher("e2e"), AGENT), MEAN_E2E, next(refs))
+    )
     return panel.override_by_name(MEAN_E2E, _unstacked("text", dashed=False))
 
 

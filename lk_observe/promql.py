@@ -108,14 +108,16 @@ def mean_expr(window: str, *matchers: str, by: Sequence[str] = ()) -> str:
     return f"{total} / {count}"
 
 
-def breakdown_expr(window: str, *matchers: str) -> str:
-    """Mean seconds per e2e turn spent in each breakdown part, one series per `part`.
+def breakdown_expr(window: str, *matchers: str, part: str | None = None) -> str:
+    """Mean seconds per e2e turn spent in a breakdown part (`part`), or in each, one series per
+    `part`.
 
     Each part's seconds per second over the e2e turns per second (all selected agents together:
     a scalar, so every part divides by the same count); stacked, the parts sum to `mean_expr`
     of component="e2e" with the same matchers.
     """
-    parts = summed("rate", selector(BREAKDOWN_METRIC, *matchers), window, ("part",))
+    only = () if part is None else (f'part="{part}"',)
+    parts = summed("rate", selector(BREAKDOWN_METRIC, *only, *matchers), window, ("part",))
     turns = summed("rate", selector(LATENCY_COUNT, component_matcher("e2e"), *matchers), window)
     return f"{parts} / scalar({turns})"
 

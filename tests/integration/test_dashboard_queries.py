@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from lk_observe.dashboards import render_dashboards
 from lk_observe.metrics import LatencyMetrics
 from lk_observe.slo import DEFAULT_SLOS
-from lk_observe.turns import BREAKDOWN_PARTS, COMPONENTS, MODEL_COMPONENTS
+from lk_observe.turns import BREAKDOWN_PARTS, BREAKDOWN_TITLES, COMPONENTS, MODEL_COMPONENTS
 from tests import promstack
 
 AGENTS = ("support", "sales")
@@ -334,7 +334,11 @@ def test_where_the_wait_goes_stacks_up_to_the_mean_e2e(
         query = grafana_interpolate(expr.replace("$__rate_interval", "30m"), agent)
         return promstack.query(server.url, query, at=at)
 
-    parts = {row["metric"]["part"]: float(row["value"][1]) for row in run(exprs["{{part}}"])}
+    parts = {
+        row["metric"]["part"]: float(row["value"][1])
+        for title in BREAKDOWN_TITLES.values()
+        for row in run(exprs[title])
+    }
     [mean] = [float(row["value"][1]) for row in run(exprs["mean e2e"])]
     assert set(parts) == set(BREAKDOWN_PARTS)
     assert all(value > 0 for value in parts.values()), parts

@@ -249,13 +249,16 @@ def test_where_the_wait_goes_stacks_the_breakdown_up_to_the_mean_e2e() -> None:
         "mode": "normal",
         "group": "A",
     }
-    parts, mean = panel["targets"]
-    assert parts["expr"] == (
-        'sum by (part) (rate(voice_agent_e2e_breakdown_seconds_total{agent=~"$agent"}'
-        "[$__rate_interval])) / scalar(sum(rate(voice_agent_latency_seconds_count"
-        '{component="e2e",agent=~"$agent"}[$__rate_interval])))'
-    )
-    assert parts["legendFormat"] == "{{part}}"
+    *parts, mean = panel["targets"]
+    # one query per part, in pipeline order, so the stack reads bottom-up as the wait went
+    assert [p["legendFormat"] for p in parts] == list(BREAKDOWN_TITLES.values())
+    for part, query in zip(BREAKDOWN_PARTS, parts, strict=True):
+        assert query["expr"] == (
+            "sum by (part) (rate(voice_agent_e2e_breakdown_seconds_total"
+            f'{{part="{part}",agent=~"$agent"}}'
+            "[$__rate_interval])) / scalar(sum(rate(voice_agent_latency_seconds_count"
+            '{component="e2e",agent=~"$agent"}[$__rate_interval])))'
+        )
     assert mean["expr"] == (
         'sum(rate(voice_agent_latency_seconds_sum{component="e2e",agent=~"$agent"}'
         "[$__rate_interval])) / sum(rate(voice_agent_latency_seconds_count"
@@ -265,9 +268,6 @@ def test_where_the_wait_goes_stacks_the_breakdown_up_to_the_mean_e2e() -> None:
         o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
         for o in panel["fieldConfig"]["overrides"]
     }
-    assert {part: overrides[part]["displayName"] for part in BREAKDOWN_PARTS} == dict(
-        BREAKDOWN_TITLES
-    )
     line = overrides[mean["legendFormat"]]
     assert line["custom.stacking"]["mode"] == "none" and line["custom.fillOpacity"] == 0
     assert "means add up, percentiles do not" in panel["description"]

@@ -321,9 +321,12 @@ class _HeardInput(AudioInput):
     def __init__(self, source: AudioInput, listener: Callable[[Any, float], None]) -> None:
         super().__init__(label=source.label, source=source)
         self.listener: Callable[[Any, float], None] | None = listener
+        # the source is fixed for this input's life: awaiting its own __anext__ spares every
+        # frame AudioInput.__anext__'s extra coroutine (about a third of the tap's cost)
+        self._source_next = source.__anext__
 
     async def __anext__(self) -> Any:
-        frame = await super().__anext__()
+        frame = await self._source_next()
         listener = self.listener
         if listener is not None:
             listener(frame, time.time())
